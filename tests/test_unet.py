@@ -1,0 +1,283 @@
+"""Tests for tinyldm/unet.py: timestep embedding, attention, cross-attention wiring, shapes, config."""
+
+import json
+import math
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinyldm.unet import Attention, FeedForward, UNet, UNetConfig, attention, timestep_embedding
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one intra-op thread is as fast, and avoids OpenMP oversubscription
+    (100x slowdowns) when other processes share the 2 CPU cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config(**overrides):
+    """A U-Net small enough for CPU tests: 16x16 inputs, widths 16/32, GroupNorm with 8 groups."""
+    kw = dict(in_channels=4, out_channels=4, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+              attention_levels=(1,), num_heads=2, transformer_depth=1, context_dim=24, num_groups=8)
+    kw.update(overrides)
+    return UNetConfig(**kw)
+
+
+def randomise_weights(model, seed=0, std=0.05):
+    """Add noise to every parameter, so the zero-initialised layers (ResBlock conv2, SpatialTransformer
+    proj_out, conv_out) become non-zero. Without this the U-Net outputs exactly 0 at init and neither
+    the context nor the attention path can affect the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(std * torch.randn(p.shape, generator=g))
+    return model
+
+
+def make_inputs(cfg, B=2, H=16, W=16, L=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, cfg.in_channels, H, W, generator=g)
+    t = torch.randint(0, 1000, (B,), generator=g)
+    context = torch.randn(B, L, cfg.context_dim, generator=g)
+    return x, t, context
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return randomise_weights(UNet(tiny_config())).eval()
+
+
+def test_timestep_embedding_closed_form():
+    """Sinusoidal embedding (Transformer §3.5): emb = [cos(t·ω_i), sin(t·ω_i)], ω_i = 10000^(−i/half)."""
+    t = torch.tensor([0, 1, 500])
+    emb = timestep_embedding(t, 4)
+    assert emb.shape == (3, 4)
+    # dim 4 -> half 2 -> ω = [1, 10000^(-1/2)] = [1, 0.01]
+    expected = torch.tensor([
+        [1.0, 1.0, 0.0, 0.0],
+        [math.cos(1.0), math.cos(0.01), math.sin(1.0), math.sin(0.01)],
+        [math.cos(500.0), math.cos(5.0), math.sin(500.0), math.sin(5.0)],
+    ])
+    torch.testing.assert_close(emb, expected, atol=1e-4, rtol=0)
+    # float t and an odd dim (one zero column appended); dim 7 -> half 3 -> ω_2 = 10000^(-2/3)
+    emb = timestep_embedding(torch.tensor([2.5, 7.0]), 7)
+    assert emb.shape == (2, 7)
+    assert math.isclose(emb[0, 2].item(), math.cos(2.5 * 10000 ** (-2 / 3)), abs_tol=1e-6)
+    assert math.isclose(emb[1, 3].item(), math.sin(7.0), abs_tol=1e-6)
+    assert torch.all(emb[:, 6] == 0)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=1),
+    dict(channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(1, 2), num_heads=2),
+    dict(channel_mult=(1,), num_res_blocks=1, attention_levels=(), num_heads=4, model_channels=32),
+    dict(channel_mult=(1, 1, 2, 2), num_res_blocks=1, attention_levels=(0, 3), num_heads=2,
+         in_channels=3, out_channels=6, transformer_depth=2),
+])
+def test_output_shape(overrides):
+    """ε̂ = UNet(x, t, c) has the shape of x (channels -> out_channels), for several layouts, H != W."""
+    torch.manual_seed(0)
+    cfg = tiny_config(**overrides)
+    net = UNet(cfg)
+    x, t, context = make_inputs(cfg, H=16, W=8)
+    out = net(x, t, context)
+    assert out.shape == (2, cfg.out_channels, 16, 8)
+
+
+def test_zero_init_output_is_zero():
+    """CompVis zero-init: conv_out, ResBlock conv2 and SpatialTransformer proj_out are 0, so ε̂ = 0 at init."""
+    torch.manual_seed(0)
+    net = UNet(tiny_config())
+    x, t, context = make_inputs(net.cfg)
+    assert torch.count_nonzero(net(x, t, context)) == 0
+    # and every zero-initialised branch really is zero (not just conv_out)
+    zero = [m for n, m in net.named_modules() if n.endswith(("conv2", "proj_out", "conv_out"))
+            and isinstance(m, torch.nn.Conv2d)]
+    assert len(zero) > 3 and all(torch.count_nonzero(m.weight) == 0 for m in zero)
+
+
+def test_timestep_broadcasts(model):
+    """t as a python int or a 0-d tensor means the same step for the whole batch; t changes ε̂."""
+    x, _, context = make_inputs(model.cfg)
+    with torch.no_grad():
+        ref = model(x, torch.tensor([10, 10]), context)
+        torch.testing.assert_close(model(x, 10, context), ref)
+        torch.testing.assert_close(model(x, torch.tensor(10), context), ref)
+        assert not torch.allclose(model(x, torch.tensor([900, 900]), context), ref, atol=1e-4)
+
+
+def test_context_changes_output(model):
+    """LDM Eq. 3 is wired: with non-zero weights, a different context τ(y) gives a different ε̂."""
+    x, t, context = make_inputs(model.cfg)
+    with torch.no_grad():
+        a = model(x, t, context)
+        b = model(x, t, torch.randn(context.shape, generator=torch.Generator().manual_seed(5)))
+    assert (a - b).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_masked_tokens_are_ignored(model, fused):
+    """Padding tokens (mask False) get attention weight exp(−∞) = 0: changing them leaves ε̂ unchanged;
+    changing an unmasked token changes ε̂ of that sample only."""
+    model.set_fused_attention(fused)
+    x, t, context = make_inputs(model.cfg, L=5)
+    mask = torch.tensor([[True, True, True, False, False], [True, True, True, True, True]])
+    g = torch.Generator().manual_seed(7)
+    padded = context.clone()
+    padded[0, 3:] = 10 * torch.randn(2, model.cfg.context_dim, generator=g)
+    changed = context.clone()
+    changed[0, 1] = torch.randn(model.cfg.context_dim, generator=g)
+    with torch.no_grad():
+        ref = model(x, t, context, mask)
+        out_padded = model(x, t, padded, mask)
+        out_changed = model(x, t, changed, mask)
+        out_unmasked = model(x, t, padded)  # without the mask the padding is attended to
+    model.set_fused_attention(True)
+    torch.testing.assert_close(out_padded, ref, atol=1e-6, rtol=0)
+    assert (out_changed[0] - ref[0]).abs().max() > 1e-4
+    torch.testing.assert_close(out_changed[1], ref[1], atol=1e-6, rtol=0)
+    assert (out_unmasked[0] - ref[0]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_attention_matches_sdpa(with_mask):
+    """Written-out softmax(QKᵀ/√d)V equals torch's F.scaled_dot_product_attention (the reference),
+    and the fused path agrees with it; Lq != Lk (cross-attention shapes)."""
+    g = torch.Generator().manual_seed(3)
+    B, heads, Lq, Lk, d = 2, 3, 7, 5, 8
+    q = torch.randn(B, heads, Lq, d, generator=g)
+    k = torch.randn(B, heads, Lk, d, generator=g)
+    v = torch.randn(B, heads, Lk, d, generator=g)
+    mask = torch.tensor([[True, True, False, True, False], [True] * 5]) if with_mask else None
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
+    manual = attention(q, k, v, mask, fused=False)
+    fused = attention(q, k, v, mask, fused=True)
+    torch.testing.assert_close(manual, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, manual, atol=1e-5, rtol=1e-5)
+    if with_mask:  # the masked keys carry no weight: output = attention over the kept keys only
+        keep = mask[0]
+        only_kept = F.scaled_dot_product_attention(q[:1], k[:1, :, keep], v[:1, :, keep])
+        torch.testing.assert_close(manual[:1], only_kept, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_module_self_and_cross():
+    """Attention with context=None is self-attention (K, V from x); with a context, K, V come from it."""
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, context_dim=6, heads=2, fused=False)
+    x, c = torch.randn(2, 10, 8), torch.randn(2, 3, 6)
+    assert attn(x, c).shape == (2, 10, 8)
+    self_attn = Attention(query_dim=8, heads=2, fused=False)
+    # reference self-attention from torch's MultiheadAttention-free formula: per head softmax(QKᵀ/√d)V
+    q, k, v = (lin(x).view(2, 10, 2, 4).transpose(1, 2) for lin in (self_attn.to_q, self_attn.to_k, self_attn.to_v))
+    ref = self_attn.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 10, 8))
+    torch.testing.assert_close(self_attn(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_feedforward_is_geglu():
+    """GEGLU (Shazeer 2020): FF(x) = (xW_v + b_v) ⊙ GELU(xW_g + b_g)·W_2 + b_2, GELU(u) = u·Φ(u),
+    with Φ the standard normal CDF from torch.distributions."""
+    torch.manual_seed(0)
+    ff = FeedForward(6)
+    x = torch.randn(2, 5, 6)
+    W, b = ff.proj_in.weight, ff.proj_in.bias  # (48, 6): rows 0..23 value, 24..47 gate
+    value, gate = x @ W[:24].T + b[:24], x @ W[24:].T + b[24:]
+    gelu = gate * torch.distributions.Normal(0.0, 1.0).cdf(gate)
+    ref = (value * gelu) @ ff.proj_out.weight.T + ff.proj_out.bias
+    torch.testing.assert_close(ff(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_unet_fused_equals_manual(model):
+    """The whole U-Net gives the same ε̂ with fused and written-out attention on the same weights."""
+    x, t, context = make_inputs(model.cfg)
+    mask = torch.tensor([[True, True, False, False, False], [True] * 5])
+    with torch.no_grad():
+        model.set_fused_attention(False)
+        assert not any(m.fused for m in model.modules() if isinstance(m, Attention))
+        manual = model(x, t, context, mask)
+        model.set_fused_attention(True)
+        assert all(m.fused for m in model.modules() if isinstance(m, Attention))
+        fused = model(x, t, context, mask)
+    torch.testing.assert_close(fused, manual, atol=1e-5, rtol=1e-4)
+
+
+def test_gradients_reach_every_parameter():
+    """Autograd: after making the zero-initialised layers non-zero, every parameter gets a non-zero grad."""
+    torch.manual_seed(0)
+    net = randomise_weights(UNet(tiny_config(channel_mult=(1, 2), attention_levels=(0, 1))))
+    x, t, context = make_inputs(net.cfg)
+    mask = torch.tensor([[True, True, True, False, False], [True] * 5])
+    net(x, t, context, mask).pow(2).mean().backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or torch.count_nonzero(p.grad) == 0]
+    assert missing == []
+
+
+def test_bad_inputs_raise():
+    """Wrong shapes and configs are a clear ValueError, not a cryptic error deep inside a conv."""
+    torch.manual_seed(0)
+    net = UNet(tiny_config(channel_mult=(1, 2, 2), attention_levels=(1,)))  # needs H, W divisible by 4
+    x, t, context = make_inputs(net.cfg)
+    with pytest.raises(ValueError, match="divisible"):
+        net(torch.randn(2, 4, 10, 16), t, context)
+    with pytest.raises(ValueError, match="context"):
+        net(x, t, torch.randn(2, 5, net.cfg.context_dim + 1))
+    with pytest.raises(ValueError, match="x must have shape"):
+        net(torch.randn(2, 3, 16, 16), t, context)
+    with pytest.raises(ValueError, match="context_mask"):
+        net(x, t, context, torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="t must"):
+        net(x, torch.tensor([1, 2, 3]), context)
+    with pytest.raises(ValueError, match="num_groups"):
+        tiny_config(num_groups=7)
+    with pytest.raises(ValueError, match="num_heads"):
+        tiny_config(num_heads=3)
+    with pytest.raises(ValueError, match="attention_levels"):
+        tiny_config(attention_levels=(2,))
+
+
+def test_config_json_round_trip():
+    """asdict(cfg) -> JSON -> UNetConfig(**d) rebuilds the same model: same state_dict keys and shapes."""
+    cfg = tiny_config(channel_mult=(1, 2, 2), attention_levels=(2,), fused_attention=False)
+    d = json.loads(json.dumps(asdict(cfg)))
+    assert isinstance(d["channel_mult"], list)  # JSON has no tuples
+    cfg2 = UNetConfig(**d)
+    assert cfg2 == cfg
+    sd1, sd2 = UNet(cfg).state_dict(), UNet(cfg2).state_dict()
+    assert list(sd1) == list(sd2)
+    assert all(sd1[k].shape == sd2[k].shape for k in sd1)
+
+
+def test_bf16_autocast_close_to_fp32(model):
+    """Under bf16 autocast (CPU here, CUDA in training) ε̂ stays finite and close to the fp32 result."""
+    x, t, context = make_inputs(model.cfg)
+    mask = torch.tensor([[True, True, False, False, False], [True] * 5])
+    for fused in (False, True):
+        model.set_fused_attention(fused)
+        with torch.no_grad():
+            ref = model(x, t, context, mask)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x, t, context, mask)
+        assert torch.isfinite(out).all()
+        assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+    model.set_fused_attention(True)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph(model):
+    """The forward has no data-dependent python control flow: dynamo captures it as one graph
+    (fullgraph=True) for both attention paths, and the compiled model gives the same ε̂."""
+    x, t, context = make_inputs(model.cfg)
+    mask = torch.tensor([[True, True, False, False, False], [True] * 5])
+    for fused in (True, False):
+        model.set_fused_attention(fused)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, 7, context, mask), model(x, 7, context, mask))
+    model.set_fused_attention(True)

@@ -1,0 +1,430 @@
+"""KL-regularised autoencoder: image x (B, 3, H, W) <-> latent z (B, z, H/f, W/f).
+
+This is the first stage of latent diffusion (Rombach et al. 2022, "LDM", Sec. 3.1 and App. G),
+written after CompVis' `AutoencoderKL`. The encoder E outputs a diagonal Gaussian q(z|x); the
+decoder D maps a sample z back to pixels. Training minimises (LDM Eq. 25)
+
+    L = L_rec(x, D(z)) + kl_weight · KL(q(z|x) ‖ N(0, I)) + λ · disc_weight · L_G      (z ~ q(z|x))
+
+with a tiny KL weight (the latent only has to be "roughly Gaussian", not a good VAE prior) and an
+optional PatchGAN adversarial term whose weight λ is set adaptively (VQGAN Eq. 7).
+
+What we leave out on purpose: LPIPS, the perceptual loss the LDM paper adds to L_rec, needs
+pretrained VGG weights that would have to be downloaded. We use a plain pixel loss (L1 by default)
+plus, optionally, the patch discriminator. The cost is blurrier fine texture; on the flat-coloured
+shapes of tinyldm's dataset there is no texture to lose, so it does not matter here. We also leave
+out CompVis' learned output log-variance (its `logvar` parameter), which only rescales L_rec.
+
+Conventions: images are expected in [-1, 1]; the decoder output is not squashed (no tanh), as in
+CompVis. H and W must be divisible by f. All randomness takes an optional torch.Generator.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class AutoencoderConfig:
+    in_channels: int = 3  # image channels (RGB); the decoder outputs the same number
+    z_channels: int = 4  # latent channels (LDM's KL-f4/f8 models use 3 or 4)
+    base_channels: int = 64  # width of the first level; level i has base_channels * channel_mult[i]
+    channel_mult: tuple = (1, 2, 2)  # one entry per resolution level; f = 2 ** (len - 1)
+    num_res_blocks: int = 1  # ResnetBlocks per level in the encoder (the decoder uses one more, as CompVis)
+    mid_attention: bool = True  # single-head self-attention in the middle of encoder and decoder
+    num_groups: int = 32  # GroupNorm groups; must divide every width
+    dropout: float = 0.0  # dropout inside ResnetBlocks
+    # CompVis sums L_rec and the KL over each image; autoencoder_loss averages both over the
+    # C·H·W pixel values instead, which keeps their ratio, so 1e-6 means what it means in CompVis.
+    kl_weight: float = 1e-6  # weight of KL(q(z|x) ‖ N(0,I)) (CompVis kl-f* configs use 1e-6)
+    # L1 rather than L2: the L2 optimum is the mean of plausible outputs, which blurs edges, while
+    # L1 (a median) keeps flat regions and sharp edges (Isola et al. 2017, pix2pix Sec. 3.1); CompVis'
+    # LPIPSWithDiscriminator (ldm/modules/losses/contperceptual.py) also pairs |x - x̂| with the GAN.
+    recon_loss: str = "l1"  # "l1" or "l2"
+    disc_weight: float = 0.0  # weight of the adversarial term; 0 disables the discriminator
+    disc_start: int = 0  # training step from which the adversarial term is switched on
+    disc_channels: int = 64  # width of the first PatchDiscriminator layer
+    disc_layers: int = 3  # stride-2 layers of the PatchDiscriminator (3 gives 70×70 patches)
+
+    def __post_init__(self):
+        self.channel_mult = tuple(int(m) for m in self.channel_mult)  # JSON gives lists back
+        n = len(self.channel_mult)
+        if n not in (1, 2, 3, 4):
+            raise ValueError(f"downsample factor f = 2**(len(channel_mult)-1) must be 1, 2, 4 or 8; "
+                             f"got channel_mult={self.channel_mult} ({n} levels)")
+        for name in ("in_channels", "z_channels", "base_channels", "num_res_blocks",
+                     "disc_channels", "disc_layers"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if min(self.channel_mult) < 1:
+            raise ValueError(f"channel_mult entries must be >= 1, got {self.channel_mult}")
+        if self.num_groups < 1:
+            raise ValueError(f"num_groups must be >= 1, got {self.num_groups}")
+        widths = [self.base_channels] + [self.base_channels * m for m in self.channel_mult]
+        bad = [w for w in widths if w % self.num_groups != 0]
+        if bad:
+            raise ValueError(f"num_groups={self.num_groups} must divide every width {sorted(set(widths))} "
+                             f"(GroupNorm); it does not divide {sorted(set(bad))}")
+        if self.recon_loss not in ("l1", "l2"):
+            raise ValueError(f"recon_loss must be 'l1' or 'l2', got {self.recon_loss!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("kl_weight", "disc_weight", "disc_start"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def downsample_factor(self) -> int:
+        """f: the latent is H/f × W/f."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The posterior q(z|x) = N(μ, diag σ²)
+
+
+class DiagonalGaussian:
+    """A diagonal Gaussian over latents: the encoder's posterior q(z|x) = N(mean, exp(logvar))."""
+
+    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor):
+        if mean.shape != logvar.shape:
+            raise ValueError(f"mean and logvar must have the same shape, got {tuple(mean.shape)} "
+                             f"and {tuple(logvar.shape)}")
+        self.mean = mean
+        self.logvar = logvar.clamp(-30.0, 20.0)  # as CompVis: keeps exp() finite
+        self.std = torch.exp(0.5 * self.logvar)  # σ
+        self.var = torch.exp(self.logvar)  # σ²
+
+    @classmethod
+    def from_moments(cls, moments: torch.Tensor) -> "DiagonalGaussian":
+        """Split the encoder output (B, 2·z, h, w) into mean and log-variance along channels."""
+        if moments.dim() < 2 or moments.shape[1] % 2 != 0:
+            raise ValueError(f"moments must have an even number of channels (mean, logvar) in dim 1, "
+                             f"got shape {tuple(moments.shape)}")
+        mean, logvar = torch.chunk(moments, 2, dim=1)  # (B, z, h, w) each
+        return cls(mean, logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Reparametrised sample, differentiable in mean and logvar."""
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device,
+                          dtype=self.mean.dtype)
+        return self.mean + self.std * eps  # VAE (Kingma & Welling) Sec. 2.4: z = μ + σ ⊙ ε
+
+    def mode(self) -> torch.Tensor:
+        """The most likely latent, μ (used to encode deterministically)."""
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(N(μ, σ²) ‖ N(0, I)) summed over C, H, W: one value per image, shape (B,)."""
+        mean, var, logvar = self.mean.float(), self.var.float(), self.logvar.float()  # fp32 under autocast
+        dims = list(range(1, mean.dim()))
+        # VAE (Kingma & Welling) App. B: KL = ½ Σ (μ² + σ² − 1 − log σ²)
+        return 0.5 * torch.sum(mean.pow(2) + var - 1.0 - logvar, dim=dims)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm → SiLU → conv, twice, plus a skip (a 1×1 conv when the width changes)."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_groups: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(num_groups, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(num_groups, out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.shortcut = (nn.Identity() if in_channels == out_channels
+                         else nn.Conv2d(in_channels, out_channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))  # (B, C_out, H, W)
+        return self.shortcut(x) + h
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3×3 conv (CompVis pads (0,1,0,1) instead; same role)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)  # (B, C, H/2, W/2)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour ×2, then a 3×3 conv to smooth the blocks."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
+        return self.conv(x)
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H·W positions of a feature map, with a residual."""
+
+    def __init__(self, channels: int, num_groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(num_groups, channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q = self.q(h).reshape(B, C, H * W).transpose(1, 2)  # (B, HW, C)
+        k = self.k(h).reshape(B, C, H * W)  # (B, C, HW)  (already transposed)
+        v = self.v(h).reshape(B, C, H * W).transpose(1, 2)  # (B, HW, C)
+        scores = torch.bmm(q, k) / math.sqrt(C)  # (B, HW, HW)  Transformer Eq. 1: QKᵀ/√d
+        attn = torch.softmax(scores, dim=-1)  # (B, HW, HW)  each query's weights sum to 1
+        out = torch.bmm(attn, v)  # (B, HW, C)  Transformer Eq. 1: softmax(QKᵀ/√d)·V
+        out = out.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
+        return x + self.proj_out(out)
+
+
+class Encoder(nn.Module):
+    """x (B, in, H, W) → moments (B, 2·z, H/f, W/f): conv_in, levels, mid, GN-SiLU-conv_out."""
+
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        widths = [cfg.base_channels * m for m in cfg.channel_mult]
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.base_channels, 3, padding=1)
+        self.levels = nn.ModuleList()
+        ch = cfg.base_channels
+        for i, width in enumerate(widths):
+            blocks = []
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResnetBlock(ch, width, cfg.num_groups, cfg.dropout))
+                ch = width
+            if i != len(widths) - 1:  # no downsampling after the last level
+                blocks.append(Downsample(ch))
+            self.levels.append(nn.Sequential(*blocks))
+        self.mid = nn.Sequential(
+            ResnetBlock(ch, ch, cfg.num_groups, cfg.dropout),
+            AttnBlock(ch, cfg.num_groups) if cfg.mid_attention else nn.Identity(),
+            ResnetBlock(ch, ch, cfg.num_groups, cfg.dropout),
+        )
+        self.norm_out = nn.GroupNorm(cfg.num_groups, ch)
+        self.conv_out = nn.Conv2d(ch, 2 * cfg.z_channels, 3, padding=1)  # mean and logvar
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)  # (B, base, H, W)
+        for level in self.levels:
+            h = level(h)  # (B, width_i, ·, ·), H and W halved after every level but the last
+        h = self.mid(h)  # (B, width_last, H/f, W/f)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2·z, H/f, W/f)
+
+
+class Decoder(nn.Module):
+    """z (B, z, h, w) → x̂ (B, in, h·f, w·f): the encoder's mirror image."""
+
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        widths = [cfg.base_channels * m for m in cfg.channel_mult]
+        ch = widths[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, ch, 3, padding=1)
+        self.mid = nn.Sequential(
+            ResnetBlock(ch, ch, cfg.num_groups, cfg.dropout),
+            AttnBlock(ch, cfg.num_groups) if cfg.mid_attention else nn.Identity(),
+            ResnetBlock(ch, ch, cfg.num_groups, cfg.dropout),
+        )
+        self.levels = nn.ModuleList()
+        for i in reversed(range(len(widths))):
+            blocks = []
+            for _ in range(cfg.num_res_blocks + 1):  # one more than the encoder, as CompVis
+                blocks.append(ResnetBlock(ch, widths[i], cfg.num_groups, cfg.dropout))
+                ch = widths[i]
+            if i != 0:  # no upsampling after the full-resolution level
+                blocks.append(Upsample(ch))
+            self.levels.append(nn.Sequential(*blocks))
+        self.norm_out = nn.GroupNorm(cfg.num_groups, ch)
+        self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))  # (B, width_last, h, w)
+        for level in self.levels:
+            h = level(h)  # doubled in H and W after every level but the last
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, in, h·f, w·f)
+
+
+class Autoencoder(nn.Module):
+    """The KL autoencoder. encode(x) gives q(z|x); decode(z) gives x̂.
+
+    As in CompVis, 1×1 convs sit between the encoder and the posterior ("quant_conv") and between
+    the latent and the decoder ("post_quant_conv"); they are kept so the layout matches the
+    reference, and cost next to nothing.
+    """
+
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        f = self.cfg.downsample_factor
+        if x.dim() != 4 or x.shape[1] != self.cfg.in_channels:
+            raise ValueError(f"expected images (B, {self.cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        B, C, H, W = x.shape
+        if H % f != 0 or W % f != 0:
+            raise ValueError(f"H and W must be divisible by the downsample factor f={f}, got {H}×{W}")
+        moments = self.quant_conv(self.encoder(x))  # (B, 2·z, H/f, W/f)
+        return DiagonalGaussian.from_moments(moments)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        if z.dim() != 4 or z.shape[1] != self.cfg.z_channels:
+            raise ValueError(f"expected latents (B, {self.cfg.z_channels}, h, w), got {tuple(z.shape)}")
+        return self.decoder(self.post_quant_conv(z))  # (B, in, h·f, w·f)
+
+    def forward(self, x: torch.Tensor, sample_posterior: bool = True,
+                generator: torch.Generator | None = None):
+        """Encode, take a sample (or the mean), decode. Returns (x̂, posterior)."""
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return self.decode(z), posterior
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """Weight of the decoder's final conv: where the adaptive weight λ compares gradients."""
+        return self.decoder.conv_out.weight
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+
+
+def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+    """Mean over all pixels of |x − x̂| ("l1") or (x − x̂)² ("l2")."""
+    if kind == "l1":
+        return (x - x_hat).abs().mean()
+    if kind == "l2":
+        return (x - x_hat).pow(2).mean()
+    raise ValueError(f"reconstruction loss kind must be 'l1' or 'l2', got {kind!r}")
+
+
+def kl_loss(posterior: DiagonalGaussian) -> torch.Tensor:
+    """L_reg: KL(q(z|x) ‖ N(0, I)) per image, averaged over the batch."""
+    return posterior.kl().mean()
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (Isola et al. 2017): one real/fake logit per overlapping image patch.
+
+    Stride-2 4×4 convs with LeakyReLU(0.2), then a stride-1 conv and a 1-channel conv. GroupNorm
+    replaces pix2pix' BatchNorm so that batches of 1 or 2 behave. Build it from the config with
+    PatchDiscriminator(cfg.in_channels, cfg.disc_channels, cfg.disc_layers).
+    """
+
+    def __init__(self, in_channels: int = 3, channels: int = 64, n_layers: int = 3):
+        super().__init__()
+        if in_channels < 1 or channels < 1 or n_layers < 1:
+            raise ValueError(f"in_channels, channels and n_layers must be >= 1, got "
+                             f"{in_channels}, {channels}, {n_layers}")
+        self.n_layers = n_layers
+        layers = [nn.Conv2d(in_channels, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        width = channels
+        for n in range(1, n_layers + 1):
+            next_width = channels * min(2 ** n, 8)
+            stride = 2 if n < n_layers else 1  # the last of these keeps the resolution
+            layers += [nn.Conv2d(width, next_width, 4, stride=stride, padding=1, bias=False),
+                       nn.GroupNorm(math.gcd(32, next_width), next_width),
+                       nn.LeakyReLU(0.2)]
+            width = next_width
+        layers.append(nn.Conv2d(width, 1, 4, stride=1, padding=1))  # one logit per patch
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        min_size = 3 * 2 ** self.n_layers  # n_layers halvings, then two 4×4 convs that each lose 1
+        if H < min_size or W < min_size:
+            raise ValueError(f"PatchDiscriminator with {self.n_layers} layers needs images of at least "
+                             f"{min_size}×{min_size}, got {H}×{W}; use fewer disc_layers")
+        return self.net(x)  # (B, 1, h, w) logits
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Discriminator hinge loss (Lim & Ye 2017; taming/CompVis `hinge_d_loss`)."""
+    loss_real = F.relu(1.0 - logits_real).mean()  # push real logits above +1
+    loss_fake = F.relu(1.0 + logits_fake).mean()  # push fake logits below −1
+    return 0.5 * (loss_real + loss_fake)  # L_D = ½(E[relu(1 − D(x))] + E[relu(1 + D(x̂))])
+
+
+def generator_adv_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """Generator (here: decoder) adversarial loss L_G = −E[D(x̂)]."""
+    return -logits_fake.mean()
+
+
+def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
+                    max_weight: float = 1e4) -> torch.Tensor:
+    """λ balancing L_G against L_rec at the decoder's last layer (LDM Eq. 25, VQGAN Eq. 7)."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    weight = rec_grad.norm() / (g_grad.norm() + 1e-4)  # VQGAN Eq. 7: λ = ‖∇L_rec‖ / (‖∇L_G‖ + δ)
+    return weight.clamp(0.0, max_weight).detach()
+
+
+def autoencoder_loss(model, x: torch.Tensor, step: int, discriminator=None,
+                     generator: torch.Generator | None = None):
+    """The autoencoder's training loss (LDM Eq. 25) on a batch x. Returns (loss, parts, x_hat).
+
+    `model` is an Autoencoder, or one wrapped in DistributedDataParallel (it is called through
+    forward). Both terms are per pixel value: L_rec is a mean, and the KL (a sum over the latent
+    of one image) is divided by C·H·W, as CompVis' sums divided by the same number.
+    parts holds detached 0-d tensors for logging: rec, kl (per image), g (adversarial loss) and
+    weight (λ); g and weight are 0 while the discriminator is off. The discriminator also gets
+    gradients from L_G here: zero its grads before its own step (see discriminator_loss).
+    """
+    core = getattr(model, "module", model)  # the Autoencoder itself, also under DDP
+    cfg = core.cfg
+    x_hat, posterior = model(x, sample_posterior=True, generator=generator)  # z ~ q(z|x), x̂ = D(z)
+    rec = reconstruction_loss(x, x_hat, cfg.recon_loss)
+    kl = kl_loss(posterior)
+    loss = rec + cfg.kl_weight * kl / x[0].numel()  # LDM Eq. 25: L_rec + L_reg, per pixel value
+    g = torch.zeros((), device=x.device)
+    weight = torch.zeros((), device=x.device)
+    if discriminator is not None and cfg.disc_weight > 0 and step >= cfg.disc_start:
+        g = generator_adv_loss(discriminator(x_hat))
+        if torch.is_grad_enabled():  # without a graph (evaluation) λ stays 0, as in CompVis
+            weight = adaptive_weight(rec, g, core.last_layer)
+        loss = loss + weight * cfg.disc_weight * g  # LDM Eq. 25: + λ·L_adv
+    parts = {name: t.detach().float() for name, t in (("rec", rec), ("kl", kl), ("g", g), ("weight", weight))}
+    return loss, parts, x_hat
+
+
+def discriminator_loss(discriminator: PatchDiscriminator, x: torch.Tensor,
+                       x_hat: torch.Tensor) -> torch.Tensor:
+    """Hinge loss of the discriminator on real x and reconstructed x̂ (x̂ detached)."""
+    return hinge_d_loss(discriminator(x), discriminator(x_hat.detach()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Latent scaling for the diffusion stage
+
+
+@torch.no_grad()
+def latent_scale_factor(z: torch.Tensor) -> float:
+    """1 / std(z) over the whole batch, so that z·scale has unit variance for the diffusion model.
+
+    This is CompVis' `scale_by_std` (ldm/models/diffusion/ddpm.py), computed on a first batch of
+    latents; Stable Diffusion's 0.18215 was obtained this way.
+    """
+    std = float(z.detach().double().flatten().std())  # float64: a constant batch gives exactly 0
+    if not math.isfinite(std) or std < 1e-8:
+        raise ValueError(f"cannot scale latents: their std is {std} (need a finite std > 1e-8, "
+                         f"i.e. latents that are not constant; got {z.numel()} values)")
+    return 1.0 / std
