@@ -1,0 +1,141 @@
+"""LatentDiffusion: the components wired together (tinyldm/ldm.py)."""
+
+import json
+
+import pytest
+import torch
+
+from tinyldm.autoencoder import AutoencoderConfig
+from tinyldm.ldm import DiffusionConfig, LatentDiffusion
+from tinyldm.text_encoder import TextEncoderConfig, train_tokenizer
+from tinyldm.unet import UNetConfig
+
+CAPTIONS = ["a red circle", "a blue square", "a big green triangle at the top left"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread per test: faster on 2 shared cores than two threads fighting each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(p_uncond=0.0, seed=0):
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer(CAPTIONS, vocab_size=50)
+    return LatentDiffusion(
+        tokenizer,
+        TextEncoderConfig(vocab_size=tokenizer.get_vocab_size(), max_length=12, d_model=32, n_layers=1, n_heads=2),
+        AutoencoderConfig(base_channels=8, channel_mult=(1, 2, 2), num_groups=4, mid_attention=False),
+        UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
+                   num_heads=2, context_dim=32, num_groups=4),
+        DiffusionConfig(T=100, beta_start=0.0085, beta_end=0.12, p_uncond=p_uncond), image_size=16, scale_factor=0.7)
+
+
+def test_shapes_through_the_pipeline():
+    """Images -> latents (B, 4, H/4, W/4) -> images; prompts -> context (B, L, d) and mask (B, L)."""
+    model = tiny_model()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    z0 = model.encode_images(x, generator=torch.Generator().manual_seed(0))
+    assert z0.shape == (2, 4, 4, 4)
+    assert model.decode_latents(z0).shape == (2, 3, 16, 16)
+    context, mask = model.encode_text(["a red circle", ""])
+    assert context.shape == (2, 12, 32) and mask.sum(1).tolist() == [4, 1]
+    assert model.loss(x, ["a red circle", "a blue square"]).shape == ()
+
+
+def test_scale_factor_multiplies_latents():
+    """z0 = scale · E(x) (LDM Sec. 4.3.2), and decode divides by the same scale."""
+    model = tiny_model()
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    z = model.autoencoder.encode(x).mode()
+    assert torch.allclose(model.encode_images(x, sample=False), 0.7 * z)
+    assert torch.allclose(model.decode_latents(0.7 * z), model.autoencoder.decode(z).clamp(-1, 1), atol=1e-5)
+
+
+def test_caption_dropout_rate():
+    """drop_captions replaces a row by the empty prompt with probability p_uncond (CFG Sec. 3.2)."""
+    model = tiny_model(p_uncond=0.3)
+    ids, mask = model.tokenize(["a red circle"] * 4000)
+    new_ids, new_mask = model.drop_captions(ids, mask, torch.Generator().manual_seed(0))
+    dropped = (new_mask.sum(1) == 1)
+    assert abs(dropped.float().mean().item() - 0.3) < 0.03
+    empty_ids, empty_mask = model.tokenize([""])
+    assert (new_ids[dropped] == empty_ids).all() and (new_ids[~dropped] == ids[~dropped]).all()
+    assert (tiny_model(p_uncond=0.0).drop_captions(ids, mask)[0] == ids).all()
+
+
+def test_text_and_unet_overfit_a_fixed_batch_and_use_the_caption():
+    """Text encoder + U-Net learn to denoise two fixed latents with different captions: the loss
+    (DDPM Eq. 14 on fixed (t, ε) pairs) falls well below its start, and swapping the captions
+    raises it (a model that ignored the text would score exactly the same)."""
+    model = tiny_model()
+    model.autoencoder.requires_grad_(False)
+    z0 = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    ids, mask = model.tokenize(["a red circle", "a blue square"])
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.Generator().manual_seed(2)
+    t = torch.arange(0, 100, 4).repeat_interleave(2)                        # (50,) both latents at 25 steps
+    eps = torch.randn(50, 4, 4, 4, generator=probe)
+
+    def probe_loss(ids_, mask_):
+        with torch.no_grad():
+            x_t = model.schedule.q_sample(z0.repeat(25, 1, 1, 1), t, eps)
+            context = model.text_encoder(ids_.repeat(25, 1), mask_.repeat(25, 1))
+            return torch.nn.functional.mse_loss(model.eps_model(x_t, t, (context, mask_.repeat(25, 1))), eps).item()
+
+    start = probe_loss(ids, mask)
+    for _ in range(150):
+        loss = model(z0.repeat(4, 1, 1, 1), ids.repeat(4, 1), mask.repeat(4, 1), generator)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    end, swapped = probe_loss(ids, mask), probe_loss(ids.flip(0), mask.flip(0))
+    assert end < 0.3 * start, (start, end)
+    assert swapped > 1.2 * end, (end, swapped)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    """save() writes configs as JSON and state dicts; load() rebuilds an identical model."""
+    model = tiny_model()
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # make the zero-initialised layers matter
+    model.save(tmp_path)
+    assert json.loads((tmp_path / "model.json").read_text())["scale_factor"] == 0.7
+    loaded = LatentDiffusion.load(tmp_path)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    a = model.generate(["a red circle"], steps=3, generator=gen())
+    b = loaded.generate(["a red circle"], steps=3, generator=gen())
+    assert torch.equal(a, b)
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary files left behind
+
+
+def test_generate_validates_and_guidance_changes_the_result():
+    """Unknown sampler is an error; guidance scale 1 vs 5 give different images; DDPM runs all T."""
+    model = tiny_model()
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    with pytest.raises(ValueError, match="sampler"):
+        model.generate(["a red circle"], sampler="euler")
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    one = model.generate(["a red circle"], steps=4, guidance_scale=1.0, generator=gen())
+    five = model.generate(["a red circle"], steps=4, guidance_scale=5.0, generator=gen())
+    assert not torch.allclose(one, five)
+    calls = []
+    model.generate(["a red circle"], sampler="ddpm", guidance_scale=1.0, generator=gen(),
+                   callback=lambda i, t, x, x0: calls.append(t))
+    assert calls == list(range(99, -1, -1))
+
+
+def test_mismatched_components_are_rejected():
+    """The text width must equal the U-Net's context_dim; latent channels its input channels."""
+    tokenizer = train_tokenizer(CAPTIONS, vocab_size=50)
+    with pytest.raises(ValueError, match="context_dim"):
+        LatentDiffusion(tokenizer, TextEncoderConfig(vocab_size=50, d_model=32, n_heads=2),
+                        AutoencoderConfig(base_channels=8, num_groups=4), UNetConfig(context_dim=64, num_groups=8),
+                        DiffusionConfig(), image_size=16)

@@ -1,0 +1,420 @@
+"""Noise schedules, the forward process, DDPM and DDIM steps and samplers, and guidance.
+
+Papers, and the tags the comments use for them
+  DDPM            Ho, Jain & Abbeel 2020, "Denoising Diffusion Probabilistic Models"
+  Improved DDPM   Nichol & Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models"
+  DDIM            Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models"
+                  (DDIM writes α for what DDPM calls ᾱ; we always write ᾱ)
+  Guided          Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis"
+  CFG             Ho & Salimans 2022, "Classifier-Free Diffusion Guidance"
+  v-pred          Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models"
+
+Timestep convention (stated once, used everywhere)
+  Code uses integer t in {0, …, T−1}; code t means paper step t+1. The comments write the papers'
+  formulas with this shift applied: β_t is betas[t], ᾱ_t is alpha_bars[t], ᾱ_{t−1} is
+  alpha_bars_prev[t], and ᾱ_{−1} := 1 (no noise at all: "x_{−1}" is the data x0).
+  Code t = T−1 is the noisiest step (paper T); code t = 0 is the last denoising step (paper 1).
+
+Glossary (code name: symbol: meaning, with the equation that defines it)
+  T                          T         number of diffusion steps
+  betas                      β_t       variance added at step t; q(x_t|x_{t−1}) = N(√(1−β_t)·x_{t−1}, β_t·I)  DDPM Eq. 2
+  alphas                     α_t       1 − β_t
+  alpha_bars                 ᾱ_t       ∏_{s≤t} α_s, so that q(x_t|x0) = N(√ᾱ_t·x0, (1−ᾱ_t)·I)            DDPM Eq. 4
+  alpha_bars_prev            ᾱ_{t−1}   ᾱ shifted by one step, ᾱ_{−1} = 1
+  sqrt_alpha_bars            √ᾱ_t      how much signal x_t keeps
+  sqrt_one_minus_alpha_bars  √(1−ᾱ_t)  how much noise x_t holds
+  posterior_variance         β̃_t       (1−ᾱ_{t−1})/(1−ᾱ_t)·β_t, variance of q(x_{t−1}|x_t, x0)           DDPM Eq. 7
+  posterior_log_variance_clipped       log β̃_t, with log β̃_0 = log 0 replaced by log β̃_1
+  posterior_mean_coef_x0     —         √ᾱ_{t−1}·β_t/(1−ᾱ_t)    so that μ̃_t = coef_x0·x0 + coef_xt·x_t   DDPM Eq. 7
+  posterior_mean_coef_xt     —         √α_t·(1−ᾱ_{t−1})/(1−ᾱ_t)
+  x0, x_t, eps               x0, x_t, ε   data, noisy data, noise ε ~ N(0, I); x̂0, ε̂ are predictions of them
+  v                          v         √ᾱ_t·ε − √(1−ᾱ_t)·x0, the "velocity" target        v-pred Sec. 4 and App. D
+  score                      ∇log p    ∇_{x_t} log p(x_t) = −ε/√(1−ᾱ_t)                                Guided Eq. 11
+  snr                        SNR(t)    ᾱ_t/(1−ᾱ_t)
+  context, uncond_context    c, c_u    conditioning of the prompt and of the empty prompt (opaque to this file)
+  guidance_scale             s         CFG scale; s = 1 + w in the notation of                           CFG Eq. 6
+  classifier_scale           s         classifier-guidance scale                                 Guided Algorithm 2
+  eta                        η         DDIM noise level: 0 deterministic, 1 DDPM's variance               DDIM Eq. 16
+"""
+
+import math
+from numbers import Integral
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SCHEDULE_KINDS = ("linear", "scaled_linear", "cosine")
+PREDICTIONS = ("eps", "v")
+
+
+def make_beta_schedule(kind, T=1000, beta_start=1e-4, beta_end=2e-2):
+    """β_0 … β_{T−1} as a float64 tensor (T,); float64 so that ᾱ = ∏(1−β) is accurate.
+
+    "linear"         DDPM Sec. 4: β rises linearly from beta_start to beta_end.
+    "scaled_linear"  linear in √β (what CompVis calls "linear" and Stable Diffusion uses).
+    "cosine"         Improved DDPM Eq. 17 with s = 0.008, β clipped at 0.999; ignores beta_start/end.
+    """
+    if not isinstance(T, Integral) or T < 1:
+        raise ValueError(f"T must be a positive integer; got {T!r}")
+    if kind in ("linear", "scaled_linear") and not 0 < beta_start <= beta_end < 1:
+        raise ValueError(f"need 0 < beta_start <= beta_end < 1; got {beta_start}, {beta_end}")
+    if kind == "linear":
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    if kind == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+    if kind == "cosine":
+        s = 0.008
+        frac = torch.arange(T + 1, dtype=torch.float64) / T  # paper t/T for paper t = 0 … T
+        f = torch.cos((frac + s) / (1 + s) * math.pi / 2) ** 2  # Improved DDPM Eq. 17: f(t) = cos²((t/T+s)/(1+s)·π/2)
+        alpha_bar = f / f[0]  # Improved DDPM Eq. 17: ᾱ(t) = f(t)/f(0)   (T+1,)
+        betas = 1 - alpha_bar[1:] / alpha_bar[:-1]  # Improved DDPM Sec. 3.2: β_t = 1 − ᾱ_t/ᾱ_{t−1}   (T,)
+        return betas.clamp(max=0.999)  # Improved DDPM Sec. 3.2: clip to avoid the singularity near t = T
+    raise ValueError(f"unknown beta schedule kind {kind!r}; expected one of {SCHEDULE_KINDS}")
+
+
+def _check_same_shape(**tensors):
+    shapes = {name: tuple(x.shape) for name, x in tensors.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"expected tensors of the same shape; got {shapes}")
+
+
+class NoiseSchedule(nn.Module):
+    """Every per-timestep constant of the diffusion process, and the one-step maths that uses them.
+
+    Buffers are computed in float64 from `betas` (T,) and stored as float32; they are
+    non-persistent (a function of the betas, so not part of a state dict). Every method works for
+    x of any shape (B, ...): images (B, C, H, W) or toy points (B, 2). `t` is a LongTensor (B,)
+    or a python int meaning the same step for the whole batch.
+    """
+
+    def __init__(self, betas):
+        super().__init__()
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        if betas.ndim != 1 or len(betas) == 0 or not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError(f"betas must be a non-empty 1-D tensor with values in (0, 1); got shape "
+                             f"{tuple(betas.shape)}, range [{betas.min().item() if betas.numel() else None}, "
+                             f"{betas.max().item() if betas.numel() else None}]")
+        alphas = 1 - betas  # α_t = 1 − β_t
+        alpha_bars = torch.cumprod(alphas, dim=0)  # ᾱ_t = ∏_{s≤t} α_s
+        alpha_bars_prev = torch.cat([alpha_bars.new_ones(1), alpha_bars[:-1]])  # ᾱ_{t−1}, with ᾱ_{−1} = 1
+        posterior_variance = (1 - alpha_bars_prev) / (1 - alpha_bars) * betas  # DDPM Eq. 7: β̃_t
+        # β̃_0 = 0 (the last step adds no noise), so its log is clipped to log β̃_1 as in Improved DDPM's code
+        first = posterior_variance[1:2] if len(betas) > 1 else betas[:1]
+        buffers = {
+            "betas": betas,
+            "alphas": alphas,
+            "alpha_bars": alpha_bars,
+            "alpha_bars_prev": alpha_bars_prev,
+            "sqrt_alpha_bars": alpha_bars.sqrt(),  # √ᾱ_t
+            "sqrt_one_minus_alpha_bars": (1 - alpha_bars).sqrt(),  # √(1−ᾱ_t)
+            "posterior_variance": posterior_variance,
+            "posterior_log_variance_clipped": torch.log(torch.cat([first, posterior_variance[1:]])),
+            "posterior_mean_coef_x0": alpha_bars_prev.sqrt() * betas / (1 - alpha_bars),  # DDPM Eq. 7
+            "posterior_mean_coef_xt": alphas.sqrt() * (1 - alpha_bars_prev) / (1 - alpha_bars),  # DDPM Eq. 7
+        }
+        for name, value in buffers.items():
+            self.register_buffer(name, value.float(), persistent=False)
+
+    @property
+    def T(self):
+        """Number of diffusion steps."""
+        return self.betas.shape[0]
+
+    def extra_repr(self):
+        return f"T={self.T}"
+
+    def _check_step(self, t):
+        if not 0 <= t < self.T:
+            raise ValueError(f"timestep must be an integer in 0..{self.T - 1}; got {t}")
+
+    def _timesteps(self, t, B):
+        """t as a LongTensor (B,) on the buffers' device; a python int is repeated B times."""
+        if isinstance(t, Integral):
+            self._check_step(t)
+            return torch.full((B,), int(t), dtype=torch.long, device=self.betas.device)
+        if not isinstance(t, torch.Tensor) or t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+            raise ValueError(f"t must be a python int or an integer tensor of shape ({B},); got {t!r}")
+        if t.ndim == 0:
+            t = t.expand(B)
+        if tuple(t.shape) != (B,):
+            raise ValueError(f"t must have shape ({B},) to match the batch; got {tuple(t.shape)}")
+        return t.to(device=self.betas.device, dtype=torch.long)
+
+    def _gather(self, values, t, x):
+        """values[t] shaped to broadcast against x (B, ...): (B, 1, ..., 1), or (1, ..., 1) for an int t."""
+        if isinstance(t, Integral):  # one step for the whole batch (as in the samplers)
+            self._check_step(t)
+            return values[t].reshape([1] * x.ndim)  # (1, ..., 1)
+        B = x.shape[0]
+        return values[self._timesteps(t, B)].reshape(B, *([1] * (x.ndim - 1)))  # (B, 1, ..., 1)
+
+    # --- forward process and its inversions -------------------------------------------------
+
+    def q_sample(self, x0, t, eps):
+        """Jump from the data to step t in one go: a sample of q(x_t | x0)."""
+        _check_same_shape(x0=x0, eps=eps)
+        # DDPM Eq. 4, reparametrised: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε
+        return (self._gather(self.sqrt_alpha_bars, t, x0) * x0
+                + self._gather(self.sqrt_one_minus_alpha_bars, t, x0) * eps)
+
+    def predict_x0(self, x_t, t, eps):
+        """The clean data implied by x_t and a noise (prediction) ε."""
+        # DDPM Eq. 15: x̂0 = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t
+        sqrt_one_minus_alpha_bar = self._gather(self.sqrt_one_minus_alpha_bars, t, x_t)
+        return (x_t - sqrt_one_minus_alpha_bar * eps) / self._gather(self.sqrt_alpha_bars, t, x_t)
+
+    def predict_eps(self, x_t, t, x0):
+        """The noise implied by x_t and a clean data (prediction) x0."""
+        # DDPM Eq. 4 solved for ε: ε = (x_t − √ᾱ_t·x0)/√(1−ᾱ_t)
+        sqrt_alpha_bar = self._gather(self.sqrt_alpha_bars, t, x_t)
+        return (x_t - sqrt_alpha_bar * x0) / self._gather(self.sqrt_one_minus_alpha_bars, t, x_t)
+
+    def q_posterior(self, x0, x_t, t):
+        """Mean and variance of q(x_{t−1} | x_t, x0) = N(μ̃_t, β̃_t·I).
+
+        The mean has the shape of x_t; the variance is (B, 1, ..., 1), or (1, ..., 1) for an int t.
+        """
+        _check_same_shape(x0=x0, x_t=x_t)
+        # DDPM Eq. 7: μ̃_t = √ᾱ_{t−1}·β_t/(1−ᾱ_t)·x0 + √α_t·(1−ᾱ_{t−1})/(1−ᾱ_t)·x_t
+        mean = (self._gather(self.posterior_mean_coef_x0, t, x_t) * x0
+                + self._gather(self.posterior_mean_coef_xt, t, x_t) * x_t)
+        variance = self._gather(self.posterior_variance, t, x_t)  # DDPM Eq. 7: β̃_t = (1−ᾱ_{t−1})/(1−ᾱ_t)·β_t
+        return mean, variance
+
+    # --- one reverse step -------------------------------------------------------------------
+
+    def ddpm_step(self, x_t, t, eps, noise=None, generator=None, clip_x0=None):
+        """One ancestral step x_t → x_{t−1} ~ N(μ̃_t(x_t, x̂0), β̃_t·I), with no noise where t == 0.
+
+        Written through x̂0 and the posterior; without clipping this equals DDPM Algorithm 2 line 4,
+        x_{t−1} = (x_t − β_t/√(1−ᾱ_t)·ε)/√α_t + σ_t·z with σ_t² = β̃_t. `noise` (shape of x_t)
+        replaces the draw from `generator`; `clip_x0` clamps x̂0 to [−clip_x0, clip_x0].
+        """
+        x0 = self.predict_x0(x_t, t, eps)  # DDPM Eq. 15
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+        mean, variance = self.q_posterior(x0, x_t, t)  # DDPM Eqs. 6–7
+        if noise is None:
+            noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        _check_same_shape(x_t=x_t, noise=noise)
+        # DDPM Alg. 2 line 4: x_{t−1} = μ̃ + σ_t·z. No noise at t = 0 ("z = 0 if t = 1" in paper steps):
+        # there σ_0² = β̃_0 = (1−ᾱ_{−1})/(1−ᾱ_0)·β_0 = 0 exactly, because ᾱ_{−1} = 1.
+        return mean + variance.sqrt() * noise
+
+    def ddim_step(self, x_t, t, t_prev, eps, eta=0.0, noise=None, generator=None, clip_x0=None):
+        """One DDIM step x_t → x_{t_prev} for any t_prev < t; t_prev = −1 means ᾱ_prev = 1 (the data).
+
+        eta = 0 is deterministic (`noise` is ignored and nothing is drawn); eta = 1 with
+        t_prev = t − 1 has DDPM's posterior variance β̃_t. With `clip_x0`, ε is re-derived from the
+        clipped x̂0 so that the step stays consistent (as in guided diffusion's DDIM sampler).
+        """
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0; got {eta}")
+        if isinstance(t, Integral) and isinstance(t_prev, Integral) and not t_prev < t:
+            raise ValueError(f"DDIM steps backwards: need t_prev < t; got t={t}, t_prev={t_prev}")
+        alpha_bar = self._gather(self.alpha_bars, t, x_t)  # ᾱ_t   (B, 1, ..., 1)
+        # ᾱ_{t_prev} is alpha_bars_prev[t_prev + 1]; this also covers t_prev = −1, where ᾱ_{−1} = 1
+        alpha_bar_prev = self._gather(self.alpha_bars_prev, t_prev + 1, x_t)  # (B, 1, ..., 1)
+        x0 = self.predict_x0(x_t, t, eps)  # DDPM Eq. 15 (DDIM Eq. 12, "predicted x0")
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+            eps = self.predict_eps(x_t, t, x0)
+        # DDIM Eq. 16: σ = η·√((1−ᾱ_prev)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_prev)
+        sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
+        # DDIM Eq. 12: x_prev = √ᾱ_prev·x̂0 + √(1−ᾱ_prev−σ²)·ε + σ·z
+        x_prev = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt() * eps
+        if eta != 0:
+            if noise is None:
+                noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+            _check_same_shape(x_t=x_t, noise=noise)
+            x_prev = x_prev + sigma * noise
+        return x_prev
+
+    # --- other parametrisations: SNR, v and the score ---------------------------------------
+
+    def snr(self, t):
+        """Signal-to-noise ratio ᾱ_t/(1−ᾱ_t); same shape as t (int → 0-dim tensor)."""
+        t = torch.as_tensor(t, device=self.betas.device)
+        # SNR(t) = ᾱ_t/(1−ᾱ_t), from √(1−ᾱ_t) made in float64 (1−ᾱ_t in float32 loses digits near t = 0)
+        return (self.sqrt_alpha_bars[t] / self.sqrt_one_minus_alpha_bars[t]) ** 2
+
+    def v_from_eps_x0(self, x0, eps, t):
+        """The v-prediction target."""
+        # v-pred: v = √ᾱ_t·ε − √(1−ᾱ_t)·x0
+        return (self._gather(self.sqrt_alpha_bars, t, x0) * eps
+                - self._gather(self.sqrt_one_minus_alpha_bars, t, x0) * x0)
+
+    def eps_from_v(self, x_t, t, v):
+        """The noise ε implied by x_t and a v (prediction)."""
+        # v-pred: ε = √(1−ᾱ_t)·x_t + √ᾱ_t·v
+        return (self._gather(self.sqrt_one_minus_alpha_bars, t, x_t) * x_t
+                + self._gather(self.sqrt_alpha_bars, t, x_t) * v)
+
+    def x0_from_v(self, x_t, t, v):
+        """The clean data x0 implied by x_t and a v (prediction)."""
+        # v-pred: x0 = √ᾱ_t·x_t − √(1−ᾱ_t)·v
+        return (self._gather(self.sqrt_alpha_bars, t, x_t) * x_t
+                - self._gather(self.sqrt_one_minus_alpha_bars, t, x_t) * v)
+
+    def score_from_eps(self, eps, t):
+        """The score ∇_{x_t} log p(x_t) that a noise prediction ε stands for."""
+        # Guided Eq. 11: ∇_{x_t} log p(x_t) = −ε/√(1−ᾱ_t)
+        return -eps / self._gather(self.sqrt_one_minus_alpha_bars, t, eps)
+
+    def eps_from_score(self, score, t):
+        """The noise ε that a score ∇_{x_t} log p(x_t) stands for."""
+        # Guided Eq. 11, inverted: ε = −√(1−ᾱ_t)·∇_{x_t} log p(x_t)
+        return -self._gather(self.sqrt_one_minus_alpha_bars, t, score) * score
+
+
+# --- guidance ---------------------------------------------------------------------------------
+
+
+def classifier_free_guidance(eps_cond, eps_uncond, scale):
+    """Classifier-free guidance: scale 1 is the conditional prediction, 0 the unconditional one.
+
+    Bayes: ∇log p(x|c) − ∇log p(x) is the implicit classifier's gradient ∇log p(c|x), and CFG
+    pushes ε along it: ε̃ = ε_u + s·(ε_c − ε_u) = (1+w)·ε_c − w·ε_u with s = 1 + w (CFG Eq. 6).
+    """
+    _check_same_shape(eps_cond=eps_cond, eps_uncond=eps_uncond)
+    return eps_uncond + scale * (eps_cond - eps_uncond)  # CFG Eq. 6: ε̃ = ε_u + s·(ε_c − ε_u)
+
+
+def classifier_guidance(schedule, eps, t, grad_log_p, scale):
+    """Classifier guidance: ε̂ = ε − s·√(1−ᾱ_t)·∇_{x_t} log p(y|x_t) (Guided Eq. 14, Algorithm 2).
+
+    Bayes: ∇log p(x_t|y) = ∇log p(x_t) + s·∇log p(y|x_t). The classifier's gradient is a score,
+    so it is turned into ε units with ε = −√(1−ᾱ_t)·score (Guided Eq. 11) and added.
+    """
+    _check_same_shape(eps=eps, grad_log_p=grad_log_p)
+    # Guided Eq. 14: ε̂ = ε − s·√(1−ᾱ_t)·∇_{x_t} log p(y|x_t)
+    return eps + scale * schedule.eps_from_score(grad_log_p, t)
+
+
+# --- samplers ---------------------------------------------------------------------------------
+
+
+def ddim_timesteps(T, steps):
+    """`steps` integers evenly spaced from T−1 down to 0, both ends included (rounded half up).
+
+    Starting at T−1 makes the first step see the noise level x_T ~ N(0, I) was drawn for; ending
+    at 0 makes the last step go to ᾱ = 1, i.e. return x̂0. E.g. T=1000, steps=5: [999, 749, 500, 250, 0].
+    """
+    if not isinstance(steps, Integral) or not 1 <= steps <= T:
+        raise ValueError(f"steps must be an integer in 1..T={T}; got {steps!r}")
+    if steps == 1:
+        return [T - 1]
+    return [((T - 1) * (steps - 1 - i) * 2 + (steps - 1)) // (2 * (steps - 1)) for i in range(steps)]
+
+
+def _check_prediction(prediction):
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}; got {prediction!r}")
+
+
+def _initial_noise(schedule, shape, generator, x_T):
+    """x_T ~ N(0, I) on the schedule's device and dtype, unless the caller gives x_T."""
+    if x_T is None:
+        betas = schedule.betas
+        return torch.randn(tuple(shape), generator=generator, device=betas.device, dtype=betas.dtype)
+    if tuple(x_T.shape) != tuple(shape):
+        raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape is {tuple(shape)}")
+    return x_T
+
+
+def _progress(timesteps, enabled):
+    if not enabled:
+        return timesteps
+    from tqdm.auto import tqdm  # imported only when asked for, so the library needs only torch
+
+    return tqdm(timesteps)
+
+
+def _guided_eps(model, schedule, x_t, t, context, uncond_context, guidance_scale,
+                classifier_grad, classifier_scale, prediction):
+    """The ε to step with at (python int) step t: the model's output as ε, then CFG, then classifier guidance."""
+    t_batch = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)  # the model takes t as (B,)
+
+    def model_eps(c):
+        out = model(x_t, t_batch, c)
+        return schedule.eps_from_v(x_t, t, out) if prediction == "v" else out
+
+    eps = model_eps(context)
+    if uncond_context is not None and guidance_scale != 1:
+        eps = classifier_free_guidance(eps, model_eps(uncond_context), guidance_scale)  # CFG Eq. 6
+    if classifier_grad is not None and classifier_scale != 0:
+        with torch.enable_grad():
+            grad_log_p = classifier_grad(x_t.detach(), t_batch)  # ∇_{x_t} log p(y|x_t)
+        eps = classifier_guidance(schedule, eps, t, grad_log_p.detach(), classifier_scale)  # Guided Eq. 14
+    return eps
+
+
+@torch.no_grad()
+def ddpm_sample(model, schedule, shape, context=None, uncond_context=None, guidance_scale=1.0,
+                classifier_grad=None, classifier_scale=0.0, prediction="eps", generator=None,
+                x_T=None, clip_x0=None, progress=False, callback=None):
+    """Ancestral sampling (DDPM Algorithm 2): x_T ~ N(0, I), then ddpm_step for t = T−1 … 0. Returns x0.
+
+    model(x_t, t, context) -> ε (or v if prediction == "v"), t a LongTensor (B,); `context` and
+    `uncond_context` are passed through untouched. CFG runs when uncond_context is given and
+    guidance_scale != 1; classifier guidance when classifier_grad(x_t, t) -> ∇_{x_t} log p(y|x_t)
+    is given and classifier_scale != 0 (it runs with grad enabled). callback(i, t, x_t, x0_pred)
+    sees each step's input x_t and its x̂0.
+    """
+    _check_prediction(prediction)
+    x_t = _initial_noise(schedule, shape, generator, x_T)
+    for i, t in enumerate(_progress(range(schedule.T - 1, -1, -1), progress)):
+        eps = _guided_eps(model, schedule, x_t, t, context, uncond_context, guidance_scale,
+                          classifier_grad, classifier_scale, prediction)
+        if callback is not None:
+            x0_pred = schedule.predict_x0(x_t, t, eps)  # DDPM Eq. 15
+            callback(i, t, x_t, x0_pred if clip_x0 is None else x0_pred.clamp(-clip_x0, clip_x0))
+        x_t = schedule.ddpm_step(x_t, t, eps, generator=generator, clip_x0=clip_x0)
+    return x_t
+
+
+@torch.no_grad()
+def ddim_sample(model, schedule, shape, context=None, uncond_context=None, guidance_scale=1.0,
+                classifier_grad=None, classifier_scale=0.0, prediction="eps", generator=None,
+                x_T=None, clip_x0=None, progress=False, callback=None, steps=50, eta=0.0):
+    """DDIM sampling: x_T ~ N(0, I), then ddim_step along ddim_timesteps(T, steps). Returns x0.
+
+    Arguments as in ddpm_sample; eta = 0 is deterministic given x_T, and steps = T with eta = 1
+    is DDPM's ancestral sampler.
+    """
+    _check_prediction(prediction)
+    timesteps = ddim_timesteps(schedule.T, steps)
+    x_t = _initial_noise(schedule, shape, generator, x_T)
+    for i, t in enumerate(_progress(timesteps, progress)):
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1  # −1: the last step lands on the data
+        eps = _guided_eps(model, schedule, x_t, t, context, uncond_context, guidance_scale,
+                          classifier_grad, classifier_scale, prediction)
+        if callback is not None:
+            x0_pred = schedule.predict_x0(x_t, t, eps)  # DDPM Eq. 15
+            callback(i, t, x_t, x0_pred if clip_x0 is None else x0_pred.clamp(-clip_x0, clip_x0))
+        x_t = schedule.ddim_step(x_t, t, t_prev, eps, eta=eta, generator=generator, clip_x0=clip_x0)
+    return x_t
+
+
+# --- training objective -----------------------------------------------------------------------
+
+
+def diffusion_loss(model, schedule, x0, context, prediction="eps", generator=None, t=None, eps=None):
+    """The simple objective (DDPM Eq. 14, L_simple): mean over all elements of (target − model(x_t, t, c))².
+
+    t ~ Uniform{0, …, T−1} and ε ~ N(0, I) are drawn (in that order, from `generator`) unless
+    given; target is ε, or v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 when prediction == "v". Computed in float32.
+    """
+    _check_prediction(prediction)
+    B = x0.shape[0]
+    if t is None:
+        t = torch.randint(0, schedule.T, (B,), generator=generator, device=x0.device)  # t ~ U{0, …, T−1}
+    t = schedule._timesteps(t, B)  # (B,) LongTensor, also when an int is given
+    if eps is None:
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)  # ε ~ N(0, I)
+    x_t = schedule.q_sample(x0, t, eps)  # DDPM Eq. 4
+    target = eps if prediction == "eps" else schedule.v_from_eps_x0(x0, eps, t)  # ε, or v-pred's v
+    out = model(x_t, t, context)
+    _check_same_shape(model_output=out, target=target)
+    return F.mse_loss(out.float(), target.float())  # DDPM Eq. 14: ‖ε − ε_θ(x_t, t)‖²

@@ -1,0 +1,205 @@
+"""LatentDiffusion: the four components wired together (LDM paper, Sec. 3 and Fig. 3).
+
+  caption ──tokenizer──► ids, mask ──TextEncoder──► c (B, L, d) ────────────────┐ cross-attention
+  image x ──Encoder──► q(z|x) ──sample · scale──► z0 ──q_sample──► z_t ──► UNet ──► ε̂
+  sampling: z_T ~ N(0, I) ─► DDPM/DDIM with guidance ─► z0 ─► / scale ─► Decoder ─► image
+
+This is the only file that knows all four components. It never picks a device: everything runs
+where the model's parameters are (move the model with `.to(device)`).
+
+A run folder holds `model.json` (every config, the latent scale factor), `tokenizer.json` and
+`model.pt` (state dicts only, loaded with `torch.load(weights_only=True)`).
+"""
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
+from tinyldm.diffusion import (PREDICTIONS, SCHEDULE_KINDS, NoiseSchedule, ddim_sample, ddpm_sample,
+                               diffusion_loss, make_beta_schedule)
+from tinyldm.text_encoder import TextEncoder, TextEncoderConfig, load_tokenizer, tokenize
+from tinyldm.unet import UNet, UNetConfig
+
+SAMPLERS = ("ddim", "ddpm")
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "scaled_linear"  # beta schedule kind: "linear", "scaled_linear" or "cosine"
+    T: int = 1000                    # diffusion steps
+    beta_start: float = 0.00085      # β at t = 0 (Stable Diffusion's values for scaled_linear)
+    beta_end: float = 0.012          # β at t = T-1
+    prediction: str = "eps"          # what the U-Net predicts: "eps" (DDPM) or "v" (Salimans & Ho)
+    p_uncond: float = 0.1            # caption dropout: share of training captions replaced by ""
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULE_KINDS:
+            raise ValueError(f"schedule must be one of {SCHEDULE_KINDS}, got {self.schedule!r}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if not 0 <= self.p_uncond < 1:
+            raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
+
+
+class LatentDiffusion(nn.Module):
+    """Tokenizer + text encoder τ_θ + autoencoder (E, D) + U-Net ε_θ + noise schedule."""
+
+    def __init__(self, tokenizer, text_cfg, autoencoder_cfg, unet_cfg, diffusion_cfg, image_size,
+                 scale_factor=1.0):
+        super().__init__()
+        if text_cfg.d_model != unet_cfg.context_dim:
+            raise ValueError(f"text encoder width {text_cfg.d_model} != U-Net context_dim {unet_cfg.context_dim}")
+        if autoencoder_cfg.z_channels != unet_cfg.in_channels:
+            raise ValueError(f"latent channels {autoencoder_cfg.z_channels} != U-Net in_channels {unet_cfg.in_channels}")
+        self.tokenizer = tokenizer
+        self.text_cfg, self.autoencoder_cfg, self.unet_cfg, self.diffusion_cfg = (
+            text_cfg, autoencoder_cfg, unet_cfg, diffusion_cfg)
+        self.text_encoder = TextEncoder(text_cfg)
+        self.autoencoder = Autoencoder(autoencoder_cfg)
+        self.unet = UNet(unet_cfg)
+        betas = make_beta_schedule(diffusion_cfg.schedule, diffusion_cfg.T,
+                                   diffusion_cfg.beta_start, diffusion_cfg.beta_end)
+        self.schedule = NoiseSchedule(betas)
+        self.image_size = int(image_size)  # H = W of the images the autoencoder works at
+        self.scale_factor = float(scale_factor)  # LDM Sec. 4.3.2 / App. G: z = scale · E(x), unit variance
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+    # -- the three encoders/decoders ----------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_images(self, images, generator=None, sample=True):
+        """Images (B, 3, H, W) in [-1, 1] -> scaled latents z0 (B, z, H/f, W/f)."""
+        posterior = self.autoencoder.encode(images)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return z * self.scale_factor                                       # z0 = scale · z
+
+    @torch.no_grad()
+    def decode_latents(self, z0):
+        """Scaled latents z0 -> images (B, 3, H, W), clamped to [-1, 1]."""
+        return self.autoencoder.decode(z0 / self.scale_factor).clamp(-1, 1)
+
+    def tokenize(self, prompts):
+        """Prompts -> (ids, mask) on the model's device, padded to the encoder's max_length."""
+        ids, mask = tokenize(self.tokenizer, prompts, self.text_cfg.max_length)
+        return ids.to(self.device), mask.to(self.device)
+
+    def encode_text(self, prompts):
+        """Prompts -> (context (B, L, d), mask (B, L)): c = τ_θ(y) (LDM Eq. 3)."""
+        ids, mask = self.tokenize(prompts)
+        return self.text_encoder(ids, mask), mask
+
+    def eps_model(self, z_t, t, cond):
+        """ε_θ(z_t, t, c): the U-Net; `cond` is (context, mask) as returned by encode_text."""
+        context, mask = cond
+        return self.unet(z_t, t, context, mask)
+
+    # -- training ------------------------------------------------------------------------------
+
+    def drop_captions(self, ids, mask, generator=None):
+        """Caption dropout for CFG (CFG Sec. 3.2): each row becomes the empty prompt "" w.p. p_uncond."""
+        empty_ids, empty_mask = self.tokenize([""])                        # (1, L): just [BOS]
+        drop = torch.rand(ids.shape[0], generator=generator, device=ids.device) < self.diffusion_cfg.p_uncond
+        ids = torch.where(drop[:, None], empty_ids, ids)                   # (B, L)
+        mask = torch.where(drop[:, None], empty_mask, mask)
+        return ids, mask
+
+    def forward(self, z0, ids, mask, generator=None):
+        """Training loss on latents (what train_small.py calls, through DDP when distributed):
+        LDM Eq. 2 / DDPM Eq. 14, E ‖ε − ε_θ(z_t, t, τ_θ(y))‖², with caption dropout."""
+        ids, mask = self.drop_captions(ids, mask, generator)
+        context = self.text_encoder(ids, mask)                             # (B, L, d)
+        return diffusion_loss(self.eps_model, self.schedule, z0, (context, mask),
+                              prediction=self.diffusion_cfg.prediction, generator=generator)
+
+    def loss(self, images, captions, generator=None):
+        """The LDM objective from images and caption strings (encodes on the fly)."""
+        z0 = self.encode_images(images, generator)
+        ids, mask = self.tokenize(captions)
+        return self(z0, ids, mask, generator)
+
+    # -- sampling ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompts, steps=50, guidance_scale=3.0, sampler="ddim", eta=0.0, generator=None,
+                 classifier_grad=None, classifier_scale=0.0, progress=False, callback=None, return_latents=False):
+        """Prompts -> images (B, 3, H, W) in [-1, 1].
+
+        sampler "ddim" takes `steps` steps (eta 0 = deterministic); "ddpm" always takes all T.
+        guidance_scale s: ε̃ = ε(c_u) + s·(ε(c) − ε(c_u)), c_u the empty prompt's context (s = 1: none).
+        generator: a torch.Generator on the model's device, for reproducible samples.
+        """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        was_training = self.training
+        self.eval()
+        cond = self.encode_text(list(prompts))
+        uncond = self.encode_text([""] * len(prompts)) if guidance_scale != 1 else None
+        f = self.autoencoder_cfg.downsample_factor
+        H = self.image_size // f
+        shape = (len(prompts), self.unet_cfg.in_channels, H, H)            # (B, z, h, w)
+        kwargs = dict(context=cond, uncond_context=uncond, guidance_scale=guidance_scale,
+                      classifier_grad=classifier_grad, classifier_scale=classifier_scale,
+                      prediction=self.diffusion_cfg.prediction, generator=generator,
+                      progress=progress, callback=callback)
+        if sampler == "ddim":
+            z0 = ddim_sample(self.eps_model, self.schedule, shape, steps=steps, eta=eta, **kwargs)
+        else:
+            z0 = ddpm_sample(self.eps_model, self.schedule, shape, **kwargs)
+        self.train(was_training)
+        images = self.decode_latents(z0)
+        return (images, z0) if return_latents else images
+
+    # -- run folder ----------------------------------------------------------------------------
+
+    def config(self):
+        return {"text_encoder": asdict(self.text_cfg), "autoencoder": asdict(self.autoencoder_cfg),
+                "unet": asdict(self.unet_cfg), "diffusion": asdict(self.diffusion_cfg),
+                "scale_factor": self.scale_factor, "image_size": self.image_size}
+
+    def save(self, run_dir):
+        """Write model.json, tokenizer.json and model.pt into run_dir, each atomically."""
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / "model.json", lambda p: p.write_text(json.dumps(self.config(), indent=2)))
+        write_atomic(run_dir / "tokenizer.json", lambda p: self.tokenizer.save(str(p)))
+        state = {"text_encoder": self.text_encoder.state_dict(), "autoencoder": self.autoencoder.state_dict(),
+                 "unet": self.unet.state_dict()}
+        write_atomic(run_dir / "model.pt", lambda p: torch.save(state, p))
+
+    @classmethod
+    def load(cls, run_dir, map_location="cpu"):
+        """Rebuild a saved model from its run folder (configs from JSON, weights_only load)."""
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"run folder {run_dir} does not exist")
+        missing = [n for n in ("model.json", "tokenizer.json", "model.pt") if not (run_dir / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"run folder {run_dir} is incomplete: missing {', '.join(missing)} "
+                                    "(was training interrupted before the end? `train_small.py --resume`)")
+        cfg = json.loads((run_dir / "model.json").read_text())
+        model = cls(load_tokenizer(run_dir / "tokenizer.json"), TextEncoderConfig(**cfg["text_encoder"]),
+                    AutoencoderConfig(**cfg["autoencoder"]), UNetConfig(**cfg["unet"]),
+                    DiffusionConfig(**cfg["diffusion"]), cfg["image_size"], cfg["scale_factor"])
+        state = torch.load(run_dir / "model.pt", map_location=map_location, weights_only=True)
+        for name in ("text_encoder", "autoencoder", "unet"):
+            getattr(model, name).load_state_dict(state[name])
+        return model.eval()
+
+
+def write_atomic(path, write):
+    """Write through a temporary file in the same folder, then rename: a crash mid-write leaves the
+    old file intact (os.replace is atomic on POSIX and Windows)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
