@@ -1,0 +1,249 @@
+"""Attribute detector, caption fidelity, diversity and reconstruction metrics (tinyldm/evaluate.py)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tinyldm.data import (BACKGROUND, COLOUR_NAMES, POSITIONS, RELATIONS, SHAPES, SIZE_RADIUS, SIZES,
+                          Scenes, ShapesConfig, ShapesDataset, render, to_float)
+from tinyldm.evaluate import (ATTRIBUTES, detect, detect_one, detector_accuracy, diversity,
+                              evaluate_model, fidelity, prompt_set, psnr, reconstruction_report,
+                              score, targets_from_attributes)
+
+
+def _scenes(objects):
+    """Scenes with one image per entry of `objects`: a list of 1 or 2 (shape, colour, size, cell)."""
+    N = len(objects)
+    arr = lambda: np.zeros((N, 2), dtype=np.int64)  # noqa: E731
+    s = Scenes(n_objects=np.array([len(o) for o in objects]), shape=arr(), colour=arr(), size=arr(),
+               cell=arr(), cx=np.zeros((N, 2)), cy=np.zeros((N, 2)), choices=np.zeros((N, 21)))
+    for i, objs in enumerate(objects):
+        for k, (shape, colour, size, cell) in enumerate(objs):
+            s.shape[i, k], s.colour[i, k] = SHAPES.index(shape), COLOUR_NAMES.index(colour)
+            s.size[i, k], s.cell[i, k] = SIZES.index(size), POSITIONS.index(cell)
+            s.cx[i, k] = (s.cell[i, k] % 3 + 0.5) / 3   # the cell's centre, no jitter
+            s.cy[i, k] = (s.cell[i, k] // 3 + 0.5) / 3
+    return s
+
+
+@pytest.fixture(scope="module")
+def val32():
+    ds = ShapesDataset(ShapesConfig(image_size=32, num_val=500, two_object_prob=0.5), "val")
+    return ds, ds.images_uint8(), [ds.attributes(i) for i in range(len(ds))]
+
+
+@pytest.mark.parametrize("size, n", [(32, 500), (64, 300)])
+def test_detector_reads_rendered_validation_images(size, n, val32):
+    """Per-attribute accuracy >= 99 % on rendered val images, for one- and two-object scenes."""
+    if size == 32:
+        ds, images, truth = val32
+    else:
+        ds = ShapesDataset(ShapesConfig(image_size=64, num_val=n, two_object_prob=0.5), "val")
+        images, truth = ds.images_uint8(), [ds.attributes(i) for i in range(n)]
+    detections = detect(images)
+    for k in (1, 2):
+        pick = [i for i in range(n) if len(truth[i]["objects"]) == k]
+        assert len(pick) > n // 4
+        acc = detector_accuracy([detections[i] for i in pick], [truth[i] for i in pick])
+        for attribute in ATTRIBUTES + ("count",):
+            assert acc[attribute] >= 0.99, (size, k, attribute, acc)
+
+
+def test_area_matches_the_geometry():
+    """Sum of coverage = the shape's area: a large circle covers pi r^2, a square (1.7 r)^2."""
+    H = 64
+    r = SIZE_RADIUS[1] * H
+    for shape, area in (("circle", math.pi * r * r), ("square", (1.7 * r) ** 2)):
+        det = detect_one(render(_scenes([[(shape, "red", "large", "center")]]), H)[0])
+        assert len(det) == 1 and det[0]["shape"] == shape
+        assert det[0]["area"] * H * H == pytest.approx(area, rel=0.02)
+        assert (det[0]["cx"], det[0]["cy"]) == pytest.approx((0.5, 0.5), abs=0.01)
+
+
+def test_uint8_and_float_agree_and_bad_input_is_rejected(val32):
+    """uint8 [0, 255] and float [-1, 1] versions of an image give the same detections."""
+    _, images, _ = val32
+    a, b = detect(images[:40]), detect(to_float(images[:40]))
+    assert [[(o["shape"], o["colour"], o["size"], o["position"]) for o in d] for d in a] == \
+           [[(o["shape"], o["colour"], o["size"], o["position"]) for o in d] for d in b]
+    for bad in (torch.zeros(2, 1, 32, 32), torch.zeros(2, 3, 32, 16), torch.zeros(2, 3, 8, 8),
+                torch.zeros(3, 32, 32), torch.zeros(2, 3, 32, 32, dtype=torch.int64)):
+        with pytest.raises(ValueError):
+            detect(bad)
+
+
+def test_specks_and_dim_objects_do_not_change_the_reading():
+    """Isolated pixels are dropped (minimum area); an object at 60 % of its colour is still whole
+    (coverage is measured relative to the blob's peak), for every shape and size."""
+    want = [(shape, "green", size, "top right") for shape in SHAPES for size in SIZES]
+    images = render(_scenes([[obj] for obj in want]), 32)
+    specks = images.clone()
+    specks[:, :, [3, 20, 28], [5, 25, 2]] = torch.tensor([240, 220, 40], dtype=torch.uint8)[:, None]
+    bg = torch.tensor(BACKGROUND).view(1, 3, 1, 1)
+    dim = (bg + 0.6 * (images.float() - bg)).round().to(torch.uint8)
+    for variant in (images, specks, dim):
+        read = [[(o["shape"], o["colour"], o["size"], o["position"]) for o in d] for d in detect(variant)]
+        assert read == [[obj] for obj in want]
+
+
+def test_fidelity_of_real_images_is_high_and_of_noise_is_low(val32):
+    """Real images scored against their own captions' mentions: >= 99 %; noise and blank: far below."""
+    _, images, truth = val32
+    targets = targets_from_attributes(truth)
+    real = fidelity(images, targets)
+    assert real["all_correct"] >= 0.99 and real["relation"] >= 0.99
+    g, n = torch.Generator().manual_seed(0), 128
+    noise = fidelity(torch.rand(n, 3, 32, 32, generator=g) * 2 - 1, targets[:n])
+    blank = fidelity(to_float(render(_scenes([[]] * n), 32)), targets[:n])
+    assert noise["all_correct"] < 0.3 and noise["relation"] < 0.3 and noise["shape"] < 0.5
+    assert blank["all_correct"] == 0.0
+
+
+def test_psnr_closed_form():
+    """PSNR = 10 log10(1 / MSE) on the [0, 1] range: an offset 2 delta in [-1, 1] gives -20 log10 delta."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 16, 16, generator=g) * 1.6 - 0.8
+    assert psnr(x, x) == 100.0
+    delta = torch.tensor([0.1, 0.01, 0.05]).view(3, 1, 1, 1)
+    per_image = psnr(x, x + 2 * delta, reduce=False)
+    assert torch.allclose(per_image, -20 * torch.log10(delta.flatten()), atol=1e-3)
+    y = x + 0.1 * torch.randn(x.shape, generator=g)
+    mse = torch.nn.functional.mse_loss((x + 1) / 2, (y + 1) / 2, reduction="none").mean((1, 2, 3))
+    assert psnr(x, y) == pytest.approx((10 * torch.log10(1 / mse)).mean().item(), rel=1e-5)
+
+
+def test_score_marks_a_wrong_colour_wrong():
+    """An image of a red circle scores colour-right for "red circle" and colour-wrong for "blue circle"."""
+    images = render(_scenes([[("circle", "red", "large", "left")]] * 2), 32)
+    targets = [{"kind": "single", "objects": [{"shape": "circle", "colour": c, "position": "left"}],
+                "relation": None} for c in ("red", "blue")]
+    right, wrong = score(detect(images), targets)
+    assert right == {"shape": True, "colour": True, "position": True, "all_correct": True, "count": True}
+    assert wrong["colour"] is False and wrong["shape"] and wrong["all_correct"] is False
+
+
+def test_relations_are_checked_between_the_right_objects():
+    """"A left of B" holds when A's centre has the smaller x; swapped objects or relation fail."""
+    scenes = _scenes([[("circle", "red", "small", "left"), ("square", "blue", "large", "right")],
+                      [("triangle", "green", "large", "bottom"), ("cross", "cyan", "small", "top")]])
+    images = render(scenes, 64)
+    dets = detect(images)
+    pairs = [(("red", "circle"), ("blue", "square")), (("green", "triangle"), ("cyan", "cross"))]
+    truth = ["left of", "below"]
+    opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+    for i, ((c0, s0), (c1, s1)) in enumerate(pairs):
+        objects = [{"colour": c0, "shape": s0}, {"colour": c1, "shape": s1}]
+        for relation in RELATIONS:
+            result = score([dets[i]], [{"kind": "two", "objects": objects, "relation": relation}])[0]
+            assert result["relation"] == (relation == truth[i]) and result["colour"] and result["shape"]
+        swapped = {"kind": "two", "objects": objects[::-1], "relation": truth[i]}
+        assert score([dets[i]], [swapped])[0]["relation"] is False
+
+
+def _render_target(target, rng):
+    """Render an image that satisfies a target, choosing the attributes it leaves open at random."""
+    objs = []
+    cells = rng.permutation(9)
+    if target["relation"] == "left of":
+        cells[:2] = [3, 5]
+    elif target["relation"] == "right of":
+        cells[:2] = [5, 3]
+    elif target["relation"] == "above":
+        cells[:2] = [1, 7]
+    elif target["relation"] == "below":
+        cells[:2] = [7, 1]
+    for k, obj in enumerate(target["objects"]):
+        objs.append((obj["shape"], obj.get("colour", COLOUR_NAMES[rng.integers(6)]),
+                     obj.get("size", SIZES[rng.integers(2)]), obj.get("position", POSITIONS[cells[k]])))
+    return objs
+
+
+def test_prompt_sets_are_deterministic_respect_held_out_and_are_satisfiable():
+    """Same seed, same prompts; held-out pairs only in "held_out"; images built to a target score 100 %."""
+    held_out = ShapesConfig().held_out
+    assert prompt_set("single", 30, seed=3) == prompt_set("single", 30, seed=3)
+    assert prompt_set("single", 30, seed=3) != prompt_set("single", 30, seed=4)
+    rng = np.random.default_rng(0)
+    for kind in ("single", "two", "held_out"):
+        pairs = prompt_set(kind, 40, seed=1)
+        for prompt, target in pairs:
+            assert target["kind"] == kind and len(target["objects"]) == (2 if kind == "two" else 1)
+            for obj in target["objects"]:
+                assert all(str(v) in prompt for v in obj.values())
+                in_held_out = (obj.get("colour"), obj["shape"]) in held_out
+                assert in_held_out == (kind == "held_out")
+        images = render(_scenes([_render_target(t, rng) for _, t in pairs]), 32)
+        assert fidelity(images, [t for _, t in pairs])["all_correct"] == 1.0
+    with pytest.raises(ValueError, match="kind"):
+        prompt_set("three", 5)
+
+
+def test_diversity_sees_mode_collapse():
+    """Four images of one open prompt at four positions: distinct 1; all at one position: 1/4, entropy 0."""
+    target = {"kind": "single", "objects": [{"shape": "circle"}], "relation": None}
+    spread = [[{"position": p, "size": "small"}] for p in POSITIONS[:4]]
+    collapsed = [[{"position": "center", "size": "small"}]] * 4
+    good, bad = diversity(spread, [target] * 4), diversity(collapsed, [target] * 4)
+    assert good["position"]["distinct"] == 1.0 and good["position"]["entropy"] == pytest.approx(1.0)
+    assert bad["position"]["distinct"] == 0.25 and bad["position"]["entropy"] == 0.0
+    assert good["size"]["distinct"] == bad["size"]["distinct"] == 0.5
+    mentioned = {"kind": "single", "objects": [{"shape": "circle", "position": "top"}], "relation": None}
+    assert diversity(collapsed, [mentioned] * 4)["position"]["prompts"] == 0
+
+
+class _RenderingModel:
+    """A stand-in for LatentDiffusion whose generate() draws each prompt's target (or nothing)."""
+
+    def __init__(self, lookup, blank=False):
+        self.lookup, self.blank, self.calls = lookup, blank, []
+
+    def generate(self, prompts, steps, guidance_scale, sampler, generator):
+        self.calls.append((len(prompts), steps, guidance_scale, sampler))
+        objects = [[] if self.blank else self.lookup[p] for p in prompts]
+        return to_float(render(_scenes(objects), 32))
+
+
+def test_evaluate_model_batches_and_splits_by_kind():
+    """evaluate_model generates N images per prompt in batches and reports fidelity per prompt kind."""
+    rng = np.random.default_rng(0)
+    pairs = prompt_set("single", 5, seed=0) + prompt_set("two", 4, seed=0)
+    lookup = {p: _render_target(t, rng) for p, t in pairs}
+    model = _RenderingModel(lookup)
+    report = evaluate_model(model, pairs, images_per_prompt=3, steps=7, guidance_scale=2.0,
+                            sampler="ddpm", batch_size=10)
+    assert [c[0] for c in model.calls] == [10, 10, 7] and model.calls[0][1:] == (7, 2.0, "ddpm")
+    assert report["fidelity"]["single"]["n"] == 15 and report["fidelity"]["two"]["n"] == 12
+    assert report["fidelity"]["all"]["all_correct"] == 1.0
+    assert report["diversity"]["position"]["distinct"] == pytest.approx(1 / 3)  # the same image thrice
+    blank = evaluate_model(_RenderingModel(lookup, blank=True), pairs, images_per_prompt=1, batch_size=4)
+    assert blank["fidelity"]["all"]["all_correct"] == 0.0
+
+
+class _Blur(torch.nn.Module):
+    """A stand-in autoencoder: encode = 2x2 average pool (mode = mean), decode = nearest upsampling."""
+
+    def __init__(self, identity=False):
+        super().__init__()
+        self.identity, self.unused = identity, torch.nn.Parameter(torch.zeros(1))
+
+    def encode(self, x):
+        z = x if self.identity else torch.nn.functional.avg_pool2d(x, 2)
+        return type("Posterior", (), {"mode": lambda self: z})()
+
+    def decode(self, z):
+        return z if self.identity else torch.nn.functional.interpolate(z, scale_factor=2)
+
+
+def test_reconstruction_report():
+    """A perfect autoencoder: PSNR at the cap, same detections; a lossy one: the PSNR of its output."""
+    ds = ShapesDataset(ShapesConfig(image_size=32, num_val=24), "val")
+    perfect = reconstruction_report(_Blur(identity=True), ds, batch_size=10)
+    assert perfect["n"] == 24 and perfect["psnr"] == 100.0
+    assert perfect["detector_reconstructions"] == perfect["detector_originals"]
+    lossy = reconstruction_report(_Blur(), ds, n=16, batch_size=5)
+    x = to_float(ds.images_uint8()[:16])
+    x_hat = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(x, 2), scale_factor=2)
+    assert lossy["n"] == 16 and lossy["psnr"] == pytest.approx(psnr(x, x_hat), rel=1e-5)
+    assert 10 < lossy["psnr"] < 40
