@@ -26,15 +26,6 @@ from tinyldm.autoencoder import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread is as fast, and does not thrash when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(**overrides) -> AutoencoderConfig:
     kwargs = dict(base_channels=8, channel_mult=(1, 2), num_groups=4)
     kwargs.update(overrides)

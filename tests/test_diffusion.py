@@ -25,15 +25,6 @@ from tinyldm.diffusion import (
 T = 1000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: torch's intra-op threads only add overhead (and long stalls on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def schedule():
     return NoiseSchedule(make_beta_schedule("linear", T))

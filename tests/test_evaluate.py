@@ -132,7 +132,6 @@ def test_relations_are_checked_between_the_right_objects():
     dets = detect(images)
     pairs = [(("red", "circle"), ("blue", "square")), (("green", "triangle"), ("cyan", "cross"))]
     truth = ["left of", "below"]
-    opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
     for i, ((c0, s0), (c1, s1)) in enumerate(pairs):
         objects = [{"colour": c0, "shape": s0}, {"colour": c1, "shape": s1}]
         for relation in RELATIONS:

@@ -13,15 +13,6 @@ from tinyldm.unet import UNetConfig
 CAPTIONS = ["a red circle", "a blue square", "a big green triangle at the top left"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread per test: faster on 2 shared cores than two threads fighting each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_model(p_uncond=0.0, seed=0):
     torch.manual_seed(seed)
     tokenizer = train_tokenizer(CAPTIONS, vocab_size=50)

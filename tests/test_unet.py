@@ -11,16 +11,6 @@ import torch.nn.functional as F
 from tinyldm.unet import Attention, FeedForward, UNet, UNetConfig, attention, timestep_embedding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one intra-op thread is as fast, and avoids OpenMP oversubscription
-    (100x slowdowns) when other processes share the 2 CPU cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_config(**overrides):
     """A U-Net small enough for CPU tests: 16x16 inputs, widths 16/32, GroupNorm with 8 groups."""
     kw = dict(in_channels=4, out_channels=4, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,

@@ -29,6 +29,143 @@ def show_data(args):
     print(f"wrote {args.out}")
 
 
+def sample(args):
+    """Generate images for prompts from a trained run folder and save them as one PNG grid."""
+    import torch
+
+    from tinyldm.data import to_uint8
+    from tinyldm.ldm import LatentDiffusion
+
+    device = _device(args.device)
+    try:
+        model = LatentDiffusion.load(args.run, map_location=device).to(device)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}")
+    prompts = [p for p in args.prompts for _ in range(args.num_images)]
+    generator = torch.Generator(device).manual_seed(args.seed)
+    with _autocast(device):
+        images = model.generate(prompts, steps=args.steps, guidance_scale=args.guidance_scale,
+                                sampler=args.sampler, eta=args.eta, generator=generator, progress=True)
+    grid = to_uint8(images).view(len(args.prompts), args.num_images, 3, *images.shape[-2:])
+    _save_grid(grid, args.prompts, args.out)
+    print(f"wrote {args.out}")
+
+
+def _save_grid(grid, row_titles, path):
+    """grid (rows, cols, 3, H, W) uint8 -> PNG, one prompt per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = grid.shape[:2]
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols + 2.5, 1.35 * rows), squeeze=False)
+    for r in range(rows):
+        for c in range(cols):
+            axes[r, c].imshow(grid[r, c].permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+        axes[r, 0].set_ylabel(row_titles[r], rotation=0, ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _device(name):
+    import torch
+
+    return torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast(device):
+    import torch
+
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def evaluate(args):
+    """Caption fidelity over guidance scales and samplers, reconstruction quality; eval.json + eval.png."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from tinyldm.data import ShapesConfig, ShapesDataset
+    from tinyldm.evaluate import evaluate_model, prompt_set, reconstruction_report
+    from tinyldm.ldm import LatentDiffusion
+
+    device = _device(args.device)
+    try:
+        model = LatentDiffusion.load(args.run, map_location=device).to(device)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}")
+    out = Path(args.out or Path(args.run) / "eval.json")
+    prompts = {kind: prompt_set(kind, args.prompts_per_kind, seed=args.seed) for kind in ("single", "two", "held_out")}
+    everything = [pt for kind in prompts for pt in prompts[kind]]
+    report = {"run": str(args.run), "device": str(device), "prompts_per_kind": args.prompts_per_kind,
+              "images_per_prompt": args.images_per_prompt}
+
+    val = ShapesDataset(ShapesConfig(image_size=model.image_size, num_val=args.reconstruction_images), "val")
+    with _autocast(device):
+        report["reconstruction"] = reconstruction_report(model.autoencoder, val)
+    print(f"autoencoder: PSNR {report['reconstruction']['psnr']:.2f} dB on {len(val)} validation images; detector "
+          f"{report['reconstruction']['detector_originals']['all']:.3f} on originals, "
+          f"{report['reconstruction']['detector_reconstructions']['all']:.3f} on reconstructions")
+
+    def run(guidance, sampler, steps, pairs, images_per_prompt):
+        generator = torch.Generator(device).manual_seed(args.seed)
+        with _autocast(device):
+            result = evaluate_model(model, pairs, images_per_prompt, steps=steps, guidance_scale=guidance,
+                                    sampler=sampler, generator=generator, batch_size=args.batch_size)
+        f = result["fidelity"]
+        print(f"{sampler}-{steps:<5} guidance {guidance:<4g} all-correct: "
+              + "  ".join(f"{k} {f[k]['all_correct']:.3f}" for k in ("single", "two", "held_out") if k in f))
+        return result
+
+    print(f"{'sampler':<11}{'':14}(share of images with every mentioned attribute right)")
+    report["guidance_sweep"] = [run(g, "ddim", args.steps, everything, args.images_per_prompt) for g in args.guidance]
+    best = max(report["guidance_sweep"], key=lambda r: r["fidelity"]["single"]["all_correct"])
+    report["best_guidance_scale"] = best["guidance_scale"]
+    report["sampler_sweep"] = []
+    if args.samplers:  # at the best guidance scale, on single-object prompts (fewer: DDPM takes T steps)
+        subset = prompts["single"][: args.sweep_prompts]
+        for name in args.samplers:
+            sampler, steps = ("ddpm", model.diffusion_cfg.T) if name == "ddpm" else ("ddim", int(name[4:]))
+            report["sampler_sweep"].append(run(best["guidance_scale"], sampler, steps, subset, args.images_per_prompt))
+    out.write_text(json.dumps(report, indent=2))
+    _plot_eval(report, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def _plot_eval(report, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 if report["sampler_sweep"] else 1, figsize=(10, 3.6), squeeze=False)
+    sweep = report["guidance_sweep"]
+    for kind in ("single", "two", "held_out"):
+        axes[0, 0].plot([r["guidance_scale"] for r in sweep], [r["fidelity"][kind]["all_correct"] for r in sweep],
+                        "o-", label=kind)
+    axes[0, 0].set(xlabel="guidance scale s", ylabel="all mentioned attributes right", ylim=(0, 1.02),
+                   title="fidelity vs classifier-free guidance (DDIM)")
+    axes[0, 0].legend()
+    if report["sampler_sweep"]:
+        ddim = [r for r in report["sampler_sweep"] if r["sampler"] == "ddim"]
+        ax = axes[0, 1]
+        ax.plot([r["steps"] for r in ddim], [r["fidelity"]["single"]["all_correct"] for r in ddim], "o-", label="DDIM")
+        for r in report["sampler_sweep"]:
+            if r["sampler"] == "ddpm":
+                ax.axhline(r["fidelity"]["single"]["all_correct"], color="k", ls="--", label=f"DDPM {r['steps']} steps")
+        ax.set(xscale="log", xlabel="sampling steps", ylim=(0, 1.02),
+               title=f"single-object fidelity vs steps (s = {report['best_guidance_scale']:g})")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m tinyldm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -40,10 +177,40 @@ def main(argv=None):
     p.add_argument("--cols", type=int, default=6)
     p.add_argument("--seed", type=int, default=0, help="dataset seed")
     p.add_argument("--dpi", type=int, default=80)
-    p.set_defaults(run=show_data)
+    p.set_defaults(run_command=show_data)
+
+    p = commands.add_parser("sample", help="generate images from prompts with a trained run")
+    p.add_argument("prompts", nargs="+", help='one or more prompts, e.g. "a large red circle at the top left"')
+    p.add_argument("--run", required=True, help="run folder written by train_small.py (runs/NAME)")
+    p.add_argument("--out", default="samples.png", help="output PNG (one row per prompt)")
+    p.add_argument("--num-images", type=int, default=4, help="images per prompt")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM always takes all T)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM η: 0 deterministic, 1 DDPM-like noise")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale s (1 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.set_defaults(run_command=sample)
+
+    p = commands.add_parser("evaluate", help="caption fidelity, guidance/sampler sweeps, reconstruction PSNR")
+    p.add_argument("--run", required=True, help="run folder written by train_small.py (runs/NAME)")
+    p.add_argument("--out", default=None, help="JSON path (default RUN/eval.json; the plot goes beside it)")
+    p.add_argument("--prompts-per-kind", type=int, default=24, help="prompts of each kind: single, two, held_out")
+    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.add_argument("--guidance", type=lambda s: [float(v) for v in s.split(",")], default=[1.0, 2.0, 3.0, 5.0],
+                   help="comma-separated guidance scales to sweep (DDIM)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps for the guidance sweep")
+    p.add_argument("--samplers", type=lambda s: [v for v in s.split(",") if v], default=["ddim10", "ddim20", "ddim50", "ddim100", "ddpm"],
+                   help="sampler sweep at the best guidance scale: ddimN for N DDIM steps, ddpm for all T ('' to skip)")
+    p.add_argument("--sweep-prompts", type=int, default=12, help="single-object prompts in the sampler sweep")
+    p.add_argument("--reconstruction-images", type=int, default=500, help="validation images for PSNR")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.set_defaults(run_command=evaluate)
 
     args = parser.parse_args(argv)
-    args.run(args)
+    args.run_command(args)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
 PAD, UNK, BOS = "[PAD]", "[UNK]", "[BOS]"  # special tokens; their ids are 0, 1, 2

@@ -1,0 +1,199 @@
+"""End to end: train_small.py (all stages), resume, DDP, checkpoints, NaN guard, CLI errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_small
+from tinyldm.__main__ import main as cli
+from tinyldm.ldm import LatentDiffusion
+
+ROOT = Path(__file__).resolve().parents[1]
+# the tiny preset, made smaller still so that each run takes seconds
+TINY = ["--preset", "tiny", "--num-train", "256", "--num-val", "32", "--ae-steps", "40", "--steps", "40",
+        "--log-every", "5", "--checkpoint-every", "20", "--sample-steps", "4", "--device", "cpu"]
+
+
+def run_script(args, env_threads=1, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS=str(env_threads), PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def finish(proc, timeout=240):
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """One uninterrupted tiny run in a subprocess (the reference for resume, and the e2e checks)."""
+    runs = tmp_path_factory.mktemp("runs")
+    code, out = finish(run_script(["train_small.py", *TINY, "--runs-dir", str(runs), "--name", "ref"]))
+    assert code == 0, out
+    return runs / "ref"
+
+
+def test_tiny_run_leaves_a_complete_run_folder(reference_run):
+    """All stages run; the folder holds the model, logs, plots and metrics, and no checkpoint."""
+    for name in ("train_config.json", "model.json", "tokenizer.json", "model.pt", "log.jsonl", "loss.png",
+                 "samples_final.png", "reconstructions.png", "metrics.json"):
+        assert (reference_run / name).is_file(), name
+    assert not (reference_run / "checkpoint.pt").exists()
+    metrics = json.loads((reference_run / "metrics.json").read_text())
+    for key in ("autoencoder_psnr_db", "scale_factor", "final_loss", "time_total_s"):
+        assert key in metrics
+    log = [json.loads(line) for line in (reference_run / "log.jsonl").read_text().splitlines()]
+    for stage in (1, 3):
+        losses = [r["loss"] for r in log if r["stage"] == stage]
+        assert losses[-1] < losses[0], (stage, losses)  # it learns
+
+
+def test_load_and_sample(reference_run):
+    """LatentDiffusion.load rebuilds the model (weights_only) and generate() gives images in [-1, 1]."""
+    model = LatentDiffusion.load(reference_run)
+    generator = torch.Generator().manual_seed(0)
+    images = model.generate(["a red circle", "", "a zebra " * 30], steps=3, guidance_scale=2.0,
+                            generator=generator)
+    assert images.shape == (3, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
+    again = model.generate(["a red circle"], steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(images[:1], again, atol=1e-5)  # the generator makes it reproducible
+    state = torch.load(reference_run / "model.pt", weights_only=True)
+    assert set(state) == {"text_encoder", "autoencoder", "unet"}
+
+
+def test_sample_command_line(reference_run, tmp_path):
+    """`python -m tinyldm sample` writes a PNG grid; a missing or incomplete run is a clear error."""
+    out = tmp_path / "grid.png"
+    cli(["sample", "--run", str(reference_run), "--out", str(out), "--num-images", "2", "--steps", "3",
+         "a red circle", "a blue square"])
+    assert out.stat().st_size > 1000
+    with pytest.raises(SystemExit, match="does not exist"):
+        cli(["sample", "--run", str(tmp_path / "nothing"), "a red circle"])
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "model.json").write_text("{}")
+    with pytest.raises(SystemExit, match="incomplete: missing tokenizer.json, model.pt"):
+        cli(["sample", "--run", str(tmp_path / "half"), "a red circle"])
+
+
+def _wait_for_log(run_dir, stage, step, proc, timeout=120):
+    """Wait until log.jsonl shows `stage` at `step` or later."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[0]
+        log = run_dir / "log.jsonl"
+        if log.exists() and any(json.loads(line)["stage"] == stage and json.loads(line)["step"] >= step
+                                for line in log.read_text().splitlines() if line.strip()):
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for the log")
+
+
+def test_ctrl_c_and_resume_end_where_an_uninterrupted_run_ends(reference_run, tmp_path):
+    """Ctrl-C in stage 1 and again in stage 3, each followed by --resume: same weights as the reference."""
+    args = ["train_small.py", *TINY, "--runs-dir", str(tmp_path), "--name", "ref"]
+    run_dir = tmp_path / "ref"
+    for stage, step in ((1, 10), (3, 10)):
+        proc = run_script(args + (["--resume"] if stage == 3 else []))
+        _wait_for_log(run_dir, stage, step, proc)
+        proc.send_signal(signal.SIGINT)
+        code, out = finish(proc)
+        assert code != 0 and "checkpoint saved" in out, out
+        assert (run_dir / "checkpoint.pt").is_file() and not (run_dir / "model.pt").exists()
+    code, out = finish(run_script(args + ["--resume"]))
+    assert code == 0, out
+    ours = torch.load(run_dir / "model.pt", weights_only=True)
+    reference = torch.load(reference_run / "model.pt", weights_only=True)
+    for part in reference:
+        for key, value in reference[part].items():
+            assert torch.equal(ours[part][key], value), (part, key)
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    keys = [(r["stage"], r["step"]) for r in log]
+    assert len(keys) == len(set(keys)) and keys == sorted(keys)  # no duplicated or lost log lines
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    """`torchrun --nproc_per_node=2` trains with DDP over gloo; only rank 0 writes."""
+    proc = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_small.py",
+                       *TINY, "--ae-steps", "20", "--steps", "20", "--runs-dir", str(tmp_path), "--name", "ddp"])
+    code, out = finish(proc)
+    assert code == 0, out
+    log = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    keys = [(r["stage"], r["step"]) for r in log]
+    assert len(keys) == len(set(keys))  # one writer
+    assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["world_size"] == 2
+    LatentDiffusion.load(tmp_path / "ddp")
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A crash in the middle of saving leaves the previous checkpoint intact and loadable."""
+    train_small.save_checkpoint(tmp_path, {"step": 1, "w": torch.ones(3)})
+
+    def crash(obj, path):
+        Path(path).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        train_small.save_checkpoint(tmp_path, {"step": 2, "w": torch.zeros(3)})
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """A NaN loss in stage 3 stops with a clear message; checkpoint.pt is still finite and loadable."""
+    import tinyldm.ldm
+
+    real, calls = tinyldm.ldm.diffusion_loss, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) > 22 else loss
+
+    monkeypatch.setattr(tinyldm.ldm, "diffusion_loss", poisoned)
+    with pytest.raises(SystemExit, match="loss is nan"):
+        train_small.main([*TINY, "--runs-dir", str(tmp_path), "--name", "nan"])
+    state = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
+    assert state["stage"] == 3 and state["step"] == 20
+    assert all(torch.isfinite(v).all() for v in state["unet"].values())
+    assert not (tmp_path / "nan" / "model.pt").exists()
+
+
+def test_command_line_errors(tmp_path):
+    """Existing run without --resume, --resume with other settings or of nothing, a bad --data folder."""
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "train_config.json").write_text(json.dumps({"steps": 1}))
+    base = [*TINY, "--runs-dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match="already exists"):
+        train_small.main([*base, "--name", "taken"])
+    with pytest.raises(SystemExit, match="other settings: .*steps=1"):
+        train_small.main([*base, "--name", "taken", "--resume"])
+    with pytest.raises(SystemExit, match="no run to resume"):
+        train_small.main([*base, "--name", "nothing", "--resume"])
+    with pytest.raises(SystemExit, match="metadata.jsonl"):
+        train_small.main([*base, "--name", "d", "--data", str(tmp_path / "taken")])
+    with pytest.raises(SystemExit):
+        train_small.main([*base, "--preset", "huge"])
+
+
+def test_evaluate_command_line(reference_run, tmp_path):
+    """`python -m tinyldm evaluate` sweeps guidance and samplers and writes eval.json and a plot."""
+    out = tmp_path / "eval.json"
+    cli(["evaluate", "--run", str(reference_run), "--out", str(out), "--prompts-per-kind", "2",
+         "--images-per-prompt", "1", "--guidance", "1,3", "--steps", "3", "--samplers", "ddim2,ddim4",
+         "--sweep-prompts", "2", "--reconstruction-images", "16"])
+    report = json.loads(out.read_text())
+    assert [r["guidance_scale"] for r in report["guidance_sweep"]] == [1.0, 3.0]
+    assert [r["steps"] for r in report["sampler_sweep"]] == [2, 4]
+    for kind in ("single", "two", "held_out"):
+        assert 0 <= report["guidance_sweep"][0]["fidelity"][kind]["all_correct"] <= 1
+    assert report["reconstruction"]["psnr"] > 5
+    assert out.with_suffix(".png").stat().st_size > 1000
