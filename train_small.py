@@ -12,10 +12,12 @@ Stages, each one visible loop below:
   1  autoencoder   L1 + KL (+ optional patch GAN), validation PSNR, the latent scale factor
   2  latents    the training set encoded once: posterior mean and log-variance, captions as ids
   3  diffusion  text encoder + U-Net on the ε objective, caption dropout, EMA, AdamW, warm-up + cosine
+  4  classifier a noise-aware latent classifier p(y | z_t) for classifier guidance (Shapes only)
 
 This script is the only place that knows about devices, autocast, compile, DDP and the run folder:
   runs/NAME/  train_config.json  model.json  tokenizer.json  model.pt   the trained model (EMA weights)
               checkpoint.pt      log.jsonl   loss.png   reconstructions.png   samples_*.png   metrics.json
+              classifier_accuracy.png
 
 Randomness: the batch and noise of step s of stage k come from a generator seeded with
 (seed, k, s, rank), so a resumed run draws exactly what an uninterrupted run would have drawn.
@@ -39,6 +41,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from tinyldm.classifier import ClassifierConfig, LatentClassifier, accuracy_by_timestep, classifier_loss, labels_from_scenes
 from tinyldm.autoencoder import (AutoencoderConfig, PatchDiscriminator, autoencoder_loss,
                                  discriminator_loss, latent_scale_factor)
 from tinyldm.data import (DataError, ImageFolderDataset, ShapesConfig, ShapesDataset, describe, to_float,
@@ -68,9 +71,10 @@ class TrainConfig:
     # stage 1: autoencoder
     ae_channels: int = 16           # base width of encoder/decoder
     ae_mult: tuple = (1, 2, 2)      # width multipliers per level; f = 2^(len-1) (f=4 here)
-    ae_steps: int = 1200            # training steps
+    ae_steps: int = 1000            # training steps
     ae_batch_size: int = 32         # images per step (per process)
-    ae_lr: float = 4e-4             # Adam learning rate
+    ae_lr: float = 1e-3             # Adam learning rate
+    recon_loss: str = "l2"          # reconstruction loss, l2 or l1 (see autoencoder.py)
     kl_weight: float = 1e-6         # weight of the KL term (LDM's KL-reg autoencoders use 1e-6)
     disc_weight: float = 0.0        # patch-GAN weight (0 = off; L1 alone is sharp on flat shapes)
     disc_start: int = 0             # step from which the GAN term is on
@@ -92,6 +96,10 @@ class TrainConfig:
     weight_decay: float = 0.01      # AdamW weight decay
     grad_clip: float = 1.0          # max gradient norm
     ema_decay: float = 0.995        # EMA of text encoder + U-Net weights, used for sampling
+    # stage 4: noise-aware latent classifier (Shapes only), for classifier guidance
+    classifier_steps: int = 400     # training steps (0 = no classifier)
+    classifier_channels: int = 32   # classifier base width
+    classifier_lr: float = 1e-3     # AdamW learning rate
     # outputs
     log_every: int = 25             # steps between log.jsonl lines (and NaN checks)
     checkpoint_every: int = 200     # steps between checkpoints
@@ -101,14 +109,15 @@ class TrainConfig:
 
 
 PRESETS = {
-    "tiny": dict(num_train=512, num_val=64, vocab_size=200, ae_steps=100, text_width=64, text_layers=1,
-                 unet_channels=32, steps=100, batch_size=32, warmup=10, ema_decay=0.99, log_every=10,
-                 checkpoint_every=50, sample_every=0, sample_steps=10),
+    "tiny": dict(num_train=512, num_val=64, vocab_size=200, ae_steps=80, text_width=64, text_layers=1,
+                 unet_channels=32, steps=80, batch_size=32, warmup=10, ema_decay=0.99, classifier_steps=40,
+                 log_every=10, checkpoint_every=50, sample_every=0, sample_steps=10),
     "cpu": dict(),  # the TrainConfig defaults are the CPU preset: 32x32, all stages in ~15 min on 2 cores
     "small": dict(image_size=64, num_train=50000, num_val=2000, ae_channels=64, ae_steps=3000,
                   ae_batch_size=128, text_width=256, text_layers=4, unet_channels=128, unet_res_blocks=2,
                   unet_mult=(1, 2, 2), unet_attention=(1, 2), heads=8, steps=10000, batch_size=256,
-                  lr=3e-4, warmup=500, ema_decay=0.999, checkpoint_every=1000, sample_every=2500),
+                  lr=3e-4, warmup=500, ema_decay=0.999, classifier_steps=2000, classifier_channels=64,
+                  checkpoint_every=1000, sample_every=2500),
 }
 RESUME_MAY_CHANGE = {"resume", "overwrite", "device", "compile", "log_every", "checkpoint_every",
                      "sample_every", "sample_steps", "guidance_scale"}
@@ -209,6 +218,24 @@ def plot_losses(run_dir):
     plt.close(fig)
 
 
+def plot_classifier_accuracy(by_t, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    centres = [(lo + hi) / 2 for lo, hi in by_t["bins"]]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name in ("shape", "colour", "size", "position", "all"):
+        ax.plot(centres, by_t[name], "o-", label=name)
+    ax.set(xlabel="timestep t", ylabel="accuracy on noisy validation latents", ylim=(0, 1.02),
+           title="latent classifier p(y | z_t)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def save_grid(images, titles, path, cols):
     """A grid of uint8 images (N, 3, H, W) with titles, as PNG."""
     import matplotlib
@@ -306,7 +333,7 @@ def main(argv=None):
     text_cfg = TextEncoderConfig(vocab_size=tokenizer.get_vocab_size(), max_length=cfg.max_length,
                                  d_model=cfg.text_width, n_layers=cfg.text_layers, n_heads=cfg.heads)
     # GroupNorm groups: a quarter of the narrowest width, at most 32 (the usual choice)
-    ae_cfg = AutoencoderConfig(base_channels=cfg.ae_channels, channel_mult=cfg.ae_mult,
+    ae_cfg = AutoencoderConfig(base_channels=cfg.ae_channels, channel_mult=cfg.ae_mult, recon_loss=cfg.recon_loss,
                                num_groups=min(32, cfg.ae_channels // 4), kl_weight=cfg.kl_weight,
                                disc_weight=cfg.disc_weight, disc_start=cfg.disc_start)
     unet_cfg = UNetConfig(in_channels=ae_cfg.z_channels, out_channels=ae_cfg.z_channels,
@@ -478,6 +505,52 @@ def main(argv=None):
             save_samples(ema, prompts_for(cfg, train_set), run_dir / f"samples_{step + 1:06d}.png", cfg, device)
     bar.close()
     metrics["time_diffusion_s"] = time.time() - timer
+    if main_process:  # stage 3 is done: a resume from here on only redoes stage 4 (it is short)
+        save_checkpoint(run_dir, stage3_state(cfg.steps))
+
+    # ==== stage 4: a noise-aware latent classifier p(y | z_t), for classifier guidance ==========
+    if cfg.classifier_steps and not cfg.data:
+        timer = time.time()
+        labels, keep = labels_from_scenes(train_set.scenes)               # single-object images only
+        labels, keep = labels.to(device), keep.to(device)                   # (M, 4) shape, colour, size, position
+        classifier = LatentClassifier(ClassifierConfig(in_channels=ae_cfg.z_channels, channels=cfg.classifier_channels,
+                                                       num_groups=min(32, cfg.classifier_channels // 4))).to(device)
+        classifier_train = DDP(classifier, broadcast_buffers=False) if world > 1 else classifier
+        classifier_opt = torch.optim.AdamW(classifier.parameters(), lr=cfg.classifier_lr)
+        bar = tqdm(range(cfg.classifier_steps), desc="stage 4: classifier", disable=not main_process)
+        for step in bar:
+            if stop.requested:
+                raise SystemExit(f"interrupted in stage 4: continue with --name {cfg.name} --resume")
+            step_generator(generator, cfg, 4, step, rank)
+            j = torch.randint(len(keep), (cfg.batch_size,), generator=generator, device=device)
+            idx = keep[j]
+            eps = torch.randn(latent_mean[idx].shape, generator=generator, device=device)
+            z0 = (latent_mean[idx] + torch.exp(0.5 * latent_logvar[idx]) * eps) * model.scale_factor
+            for group in classifier_opt.param_groups:
+                group["lr"] = learning_rate(step, cfg.classifier_lr, cfg.classifier_steps // 20, cfg.classifier_steps)
+            with autocast(device):  # cross-entropy of each head on z_t = q_sample(z0, t, ε)
+                loss, accuracy = classifier_loss(classifier_train, model.schedule, z0, labels[j], generator)
+            classifier_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            classifier_opt.step()
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.classifier_steps:
+                value = loss.item()
+                check_finite(value, 4, step, run_dir)
+                log(stage=4, step=step + 1, loss=value, **{k: float(v) for k, v in accuracy.items()})
+                bar.set_postfix(loss=f"{value:.3f}")
+        bar.close()
+        # accuracy on noisy validation latents, by timestep: it falls as t grows
+        val_labels, val_keep = labels_from_scenes(val_set.scenes)
+        with torch.no_grad(), autocast(device):
+            z_val = torch.cat([ae.encode(to_float(val_images[chunk.to(device)])).mode() for chunk in
+                               val_keep.split(512)]).float() * model.scale_factor  # (M, z, h, w)
+            by_t = accuracy_by_timestep(classifier, model.schedule, z_val, val_labels.to(device), t_bins=10,
+                                        generator=step_generator(generator, cfg, 4, cfg.classifier_steps, 0))
+        metrics["classifier_accuracy_by_t"] = by_t
+        metrics["time_classifier_s"] = time.time() - timer
+        ema.classifier = classifier
+        if main_process:
+            plot_classifier_accuracy(by_t, run_dir / "classifier_accuracy.png")
 
     # ==== the end: save the EMA model, sample, plot ============================================
     if main_process:
@@ -489,7 +562,7 @@ def main(argv=None):
         plot_losses(run_dir)
         write_atomic(run_dir / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
         (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # complete: model.pt holds the result
-        print(json.dumps(metrics, indent=2))
+        print(json.dumps({k: v for k, v in metrics.items() if k != "classifier_accuracy_by_t"}, indent=2))
         print(f"done: {run_dir}   sample with: python -m tinyldm sample --run {run_dir} \"a red circle\"")
     if world > 1:
         dist.barrier()

@@ -18,7 +18,8 @@ from tinyldm.ldm import LatentDiffusion
 ROOT = Path(__file__).resolve().parents[1]
 # the tiny preset, made smaller still so that each run takes seconds
 TINY = ["--preset", "tiny", "--num-train", "256", "--num-val", "32", "--ae-steps", "40", "--steps", "40",
-        "--log-every", "5", "--checkpoint-every", "20", "--sample-steps", "4", "--device", "cpu"]
+        "--classifier-steps", "20", "--log-every", "5", "--checkpoint-every", "20", "--sample-steps", "4",
+        "--device", "cpu"]
 
 
 def run_script(args, env_threads=1, **kw):
@@ -44,12 +45,13 @@ def reference_run(tmp_path_factory):
 def test_tiny_run_leaves_a_complete_run_folder(reference_run):
     """All stages run; the folder holds the model, logs, plots and metrics, and no checkpoint."""
     for name in ("train_config.json", "model.json", "tokenizer.json", "model.pt", "log.jsonl", "loss.png",
-                 "samples_final.png", "reconstructions.png", "metrics.json"):
+                 "samples_final.png", "reconstructions.png", "metrics.json", "classifier_accuracy.png"):
         assert (reference_run / name).is_file(), name
     assert not (reference_run / "checkpoint.pt").exists()
     metrics = json.loads((reference_run / "metrics.json").read_text())
-    for key in ("autoencoder_psnr_db", "scale_factor", "final_loss", "time_total_s"):
+    for key in ("autoencoder_psnr_db", "scale_factor", "final_loss", "time_total_s", "classifier_accuracy_by_t"):
         assert key in metrics
+    assert len(metrics["classifier_accuracy_by_t"]["all"]) == 10  # accuracy per timestep bin
     log = [json.loads(line) for line in (reference_run / "log.jsonl").read_text().splitlines()]
     for stage in (1, 3):
         losses = [r["loss"] for r in log if r["stage"] == stage]
@@ -66,7 +68,14 @@ def test_load_and_sample(reference_run):
     again = model.generate(["a red circle"], steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(images[:1], again, atol=1e-5)  # the generator makes it reproducible
     state = torch.load(reference_run / "model.pt", weights_only=True)
-    assert set(state) == {"text_encoder", "autoencoder", "unet"}
+    assert set(state) == {"text_encoder", "autoencoder", "unet", "classifier"}
+    from tinyldm.classifier import classifier_targets
+
+    target = classifier_targets({"colour": "red", "shape": "circle"})
+    plain = model.generate([""], steps=3, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
+    guided = model.generate([""], steps=3, guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
+                            classifier_target=target, classifier_scale=5.0)
+    assert guided.shape == plain.shape and not torch.equal(guided, plain)  # classifier guidance acts
 
 
 def test_sample_command_line(reference_run, tmp_path):
@@ -75,6 +84,10 @@ def test_sample_command_line(reference_run, tmp_path):
     cli(["sample", "--run", str(reference_run), "--out", str(out), "--num-images", "2", "--steps", "3",
          "a red circle", "a blue square"])
     assert out.stat().st_size > 1000
+    cli(["sample", "--run", str(reference_run), "--out", str(out), "--num-images", "1", "--steps", "2",
+         "--classifier-scale", "2", "--target", "colour=red,shape=circle", ""])
+    with pytest.raises(SystemExit, match="--target"):
+        cli(["sample", "--run", str(reference_run), "--classifier-scale", "2", "--target", "color=red", ""])
     with pytest.raises(SystemExit, match="does not exist"):
         cli(["sample", "--run", str(tmp_path / "nothing"), "a red circle"])
     (tmp_path / "half").mkdir()
@@ -189,11 +202,14 @@ def test_evaluate_command_line(reference_run, tmp_path):
     out = tmp_path / "eval.json"
     cli(["evaluate", "--run", str(reference_run), "--out", str(out), "--prompts-per-kind", "2",
          "--images-per-prompt", "1", "--guidance", "1,3", "--steps", "3", "--samplers", "ddim2,ddim4",
-         "--sweep-prompts", "2", "--reconstruction-images", "16"])
+         "--sweep-prompts", "2", "--reconstruction-images", "16", "--classifier-scales", "0,2"])
     report = json.loads(out.read_text())
     assert [r["guidance_scale"] for r in report["guidance_sweep"]] == [1.0, 3.0]
     assert [r["steps"] for r in report["sampler_sweep"]] == [2, 4]
     for kind in ("single", "two", "held_out"):
         assert 0 <= report["guidance_sweep"][0]["fidelity"][kind]["all_correct"] <= 1
     assert report["reconstruction"]["psnr"] > 5
+    methods = [(r["method"], r["classifier_scale"]) for r in report["guidance_methods"]]
+    assert methods == [("unconditional", 0.0), ("cfg+classifier", 0.0), ("classifier", 2.0),
+                       ("cfg+classifier", 2.0), ("conditional, no guidance", 0.0)]
     assert out.with_suffix(".png").stat().st_size > 1000

@@ -43,9 +43,21 @@ def sample(args):
         raise SystemExit(f"error: {e}")
     prompts = [p for p in args.prompts for _ in range(args.num_images)]
     generator = torch.Generator(device).manual_seed(args.seed)
+    guide = {}
+    if args.classifier_scale:
+        from tinyldm.classifier import classifier_targets
+
+        try:
+            target = dict(pair.split("=", 1) for pair in args.target.split(",") if pair)
+            guide = dict(classifier_scale=args.classifier_scale, classifier_target=classifier_targets(target))
+        except ValueError as e:
+            raise SystemExit(f"error: --target {args.target!r}: {e} (e.g. --target colour=red,shape=circle)")
     with _autocast(device):
-        images = model.generate(prompts, steps=args.steps, guidance_scale=args.guidance_scale,
-                                sampler=args.sampler, eta=args.eta, generator=generator, progress=True)
+        try:
+            images = model.generate(prompts, steps=args.steps, guidance_scale=args.guidance_scale,
+                                    sampler=args.sampler, eta=args.eta, generator=generator, progress=True, **guide)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
     grid = to_uint8(images).view(len(args.prompts), args.num_images, 3, *images.shape[-2:])
     _save_grid(grid, args.prompts, args.out)
     print(f"wrote {args.out}")
@@ -122,6 +134,18 @@ def evaluate(args):
               + "  ".join(f"{k} {f[k]['all_correct']:.3f}" for k in ("single", "two", "held_out") if k in f))
         return result
 
+    def run_methods(method, guidance, gamma, use_prompts, pairs):
+        generator = torch.Generator(device).manual_seed(args.seed)
+        with _autocast(device):
+            result = evaluate_model(model, pairs, args.images_per_prompt, steps=args.steps, guidance_scale=guidance,
+                                    generator=generator, batch_size=args.batch_size, classifier_scale=gamma,
+                                    use_prompts=use_prompts)
+        result["method"] = method
+        f, entropy = result["fidelity"]["single"], result["diversity"]["position"]["entropy"]
+        print(f"{method:<26} s {guidance:<4g} γ {gamma:<5g} all-correct {f['all_correct']:.3f}  position entropy "
+              + (f"{entropy:.2f}" if entropy is not None else "n/a"))
+        return result
+
     print(f"{'sampler':<11}{'':14}(share of images with every mentioned attribute right)")
     report["guidance_sweep"] = [run(g, "ddim", args.steps, everything, args.images_per_prompt) for g in args.guidance]
     best = max(report["guidance_sweep"], key=lambda r: r["fidelity"]["single"]["all_correct"])
@@ -132,6 +156,16 @@ def evaluate(args):
         for name in args.samplers:
             sampler, steps = ("ddpm", model.diffusion_cfg.T) if name == "ddpm" else ("ddim", int(name[4:]))
             report["sampler_sweep"].append(run(best["guidance_scale"], sampler, steps, subset, args.images_per_prompt))
+    report["guidance_methods"] = []
+    if args.classifier_scales and model.classifier is not None:  # single-object prompts: the classifier's labels
+        subset, s = prompts["single"], best["guidance_scale"]
+        for gamma in args.classifier_scales:
+            for method, guidance, use_prompts in (("classifier", 1.0, False), ("cfg+classifier", s, True)):
+                if gamma == 0 and method == "classifier":  # γ = 0 without a prompt: the unconditional model
+                    method = "unconditional"
+                result = run_methods(method, guidance, gamma, use_prompts, subset)
+                report["guidance_methods"].append(result)
+        report["guidance_methods"].append(run_methods("conditional, no guidance", 1.0, 0.0, True, subset))
     out.write_text(json.dumps(report, indent=2))
     _plot_eval(report, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
@@ -143,17 +177,19 @@ def _plot_eval(report, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2 if report["sampler_sweep"] else 1, figsize=(10, 3.6), squeeze=False)
+    panels = 1 + bool(report["sampler_sweep"]) + bool(report["guidance_methods"])
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), squeeze=False)
+    axes = list(axes.flat)
     sweep = report["guidance_sweep"]
     for kind in ("single", "two", "held_out"):
-        axes[0, 0].plot([r["guidance_scale"] for r in sweep], [r["fidelity"][kind]["all_correct"] for r in sweep],
-                        "o-", label=kind)
-    axes[0, 0].set(xlabel="guidance scale s", ylabel="all mentioned attributes right", ylim=(0, 1.02),
-                   title="fidelity vs classifier-free guidance (DDIM)")
-    axes[0, 0].legend()
+        axes[0].plot([r["guidance_scale"] for r in sweep], [r["fidelity"][kind]["all_correct"] for r in sweep],
+                     "o-", label=kind)
+    axes[0].set(xlabel="guidance scale s", ylabel="all mentioned attributes right", ylim=(0, 1.02),
+                title="fidelity vs classifier-free guidance (DDIM)")
+    axes[0].legend()
     if report["sampler_sweep"]:
         ddim = [r for r in report["sampler_sweep"] if r["sampler"] == "ddim"]
-        ax = axes[0, 1]
+        ax = axes[1]
         ax.plot([r["steps"] for r in ddim], [r["fidelity"]["single"]["all_correct"] for r in ddim], "o-", label="DDIM")
         for r in report["sampler_sweep"]:
             if r["sampler"] == "ddpm":
@@ -161,6 +197,19 @@ def _plot_eval(report, path):
         ax.set(xscale="log", xlabel="sampling steps", ylim=(0, 1.02),
                title=f"single-object fidelity vs steps (s = {report['best_guidance_scale']:g})")
         ax.legend()
+    if report["guidance_methods"]:
+        ax = axes[-1]
+        methods = report["guidance_methods"]
+        for name, label in (("classifier", "unconditional + classifier γ"), ("cfg+classifier", "CFG + classifier γ")):
+            rows = [r for r in methods if r["method"] == name or (name == "classifier" and r["method"] == "unconditional")]
+            ax.plot([r["classifier_scale"] for r in rows], [r["fidelity"]["single"]["all_correct"] for r in rows],
+                    "o-", label=label)
+        for r in methods:
+            if r["method"] == "conditional, no guidance":
+                ax.axhline(r["fidelity"]["single"]["all_correct"], color="k", ls="--", label="prompt, no guidance")
+        ax.set(xscale="symlog", xlabel="classifier scale γ", ylim=(0, 1.02),
+               title="classifier guidance vs CFG (single objects)")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -188,6 +237,11 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM always takes all T)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η: 0 deterministic, 1 DDPM-like noise")
     p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale s (1 = off)")
+    p.add_argument("--classifier-scale", type=float, default=0.0,
+                   help="classifier guidance scale γ towards --target (0 = off; use the prompt \"\" for the "
+                        "unconditional model guided by the classifier alone)")
+    p.add_argument("--target", default="", help="attributes for classifier guidance, e.g. colour=red,shape=circle,"
+                                                  "size=large,position=top left")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.set_defaults(run_command=sample)
@@ -203,11 +257,20 @@ def main(argv=None):
     p.add_argument("--samplers", type=lambda s: [v for v in s.split(",") if v], default=["ddim10", "ddim20", "ddim50", "ddim100", "ddpm"],
                    help="sampler sweep at the best guidance scale: ddimN for N DDIM steps, ddpm for all T ('' to skip)")
     p.add_argument("--sweep-prompts", type=int, default=12, help="single-object prompts in the sampler sweep")
+    p.add_argument("--classifier-scales", type=lambda s: [float(v) for v in s.split(",") if v], default=[0.0, 1.0, 3.0, 10.0],
+                   help="classifier-guidance scales γ to compare: unconditional + classifier, and CFG + classifier "
+                        "('' to skip; needs a run with a classifier)")
     p.add_argument("--reconstruction-images", type=int, default=500, help="validation images for PSNR")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.set_defaults(run_command=evaluate)
+
+    from tinyldm import bench
+
+    p = commands.add_parser("bench", help="benchmarks: latent vs pixel step, samplers, attention paths, CUDA extras")
+    bench.add_arguments(p)
+    p.set_defaults(run_command=bench.run)
 
     args = parser.parse_args(argv)
     args.run_command(args)

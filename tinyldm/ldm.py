@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
+from tinyldm.classifier import ClassifierConfig, LatentClassifier, make_classifier_grad
 from tinyldm.diffusion import (PREDICTIONS, SCHEDULE_KINDS, NoiseSchedule, ddim_sample, ddpm_sample,
                                diffusion_loss, make_beta_schedule)
 from tinyldm.text_encoder import TextEncoder, TextEncoderConfig, load_tokenizer, tokenize
@@ -65,6 +66,7 @@ class LatentDiffusion(nn.Module):
         betas = make_beta_schedule(diffusion_cfg.schedule, diffusion_cfg.T,
                                    diffusion_cfg.beta_start, diffusion_cfg.beta_end)
         self.schedule = NoiseSchedule(betas)
+        self.classifier = None  # optional noise-aware latent classifier, for classifier guidance
         self.image_size = int(image_size)  # H = W of the images the autoencoder works at
         self.scale_factor = float(scale_factor)  # LDM Sec. 4.3.2 / App. G: z = scale · E(x), unit variance
 
@@ -129,11 +131,13 @@ class LatentDiffusion(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, steps=50, guidance_scale=3.0, sampler="ddim", eta=0.0, generator=None,
-                 classifier_grad=None, classifier_scale=0.0, progress=False, callback=None, return_latents=False):
+                 classifier_target=None, classifier_scale=0.0, progress=False, callback=None, return_latents=False):
         """Prompts -> images (B, 3, H, W) in [-1, 1].
 
         sampler "ddim" takes `steps` steps (eta 0 = deterministic); "ddpm" always takes all T.
         guidance_scale s: ε̃ = ε(c_u) + s·(ε(c) − ε(c_u)), c_u the empty prompt's context (s = 1: none).
+        classifier_target (B, 4) or (1, 4) LongTensor (classifier.classifier_targets) with
+        classifier_scale γ: classifier guidance by the model's latent classifier, ε̂ = ε̃ − γ·√(1−ᾱ_t)·∇ log p(y|z_t).
         generator: a torch.Generator on the model's device, for reproducible samples.
         """
         if sampler not in SAMPLERS:
@@ -147,6 +151,13 @@ class LatentDiffusion(nn.Module):
         f = self.autoencoder_cfg.downsample_factor
         H = self.image_size // f
         shape = (len(prompts), self.unet_cfg.in_channels, H, H)            # (B, z, h, w)
+        classifier_grad = None
+        if classifier_scale != 0:
+            if self.classifier is None or classifier_target is None:
+                raise ValueError("classifier guidance needs a trained classifier (train_small.py trains one on "
+                                 "Shapes) and a classifier_target")
+            self.classifier.eval()
+            classifier_grad = make_classifier_grad(self.classifier, classifier_target.to(self.device))
         kwargs = dict(context=cond, uncond_context=uncond, guidance_scale=guidance_scale,
                       classifier_grad=classifier_grad, classifier_scale=classifier_scale,
                       prediction=self.diffusion_cfg.prediction, generator=generator,
@@ -164,6 +175,7 @@ class LatentDiffusion(nn.Module):
     def config(self):
         return {"text_encoder": asdict(self.text_cfg), "autoencoder": asdict(self.autoencoder_cfg),
                 "unet": asdict(self.unet_cfg), "diffusion": asdict(self.diffusion_cfg),
+                "classifier": asdict(self.classifier.cfg) if self.classifier is not None else None,
                 "scale_factor": self.scale_factor, "image_size": self.image_size}
 
     def save(self, run_dir):
@@ -174,6 +186,8 @@ class LatentDiffusion(nn.Module):
         write_atomic(run_dir / "tokenizer.json", lambda p: self.tokenizer.save(str(p)))
         state = {"text_encoder": self.text_encoder.state_dict(), "autoencoder": self.autoencoder.state_dict(),
                  "unet": self.unet.state_dict()}
+        if self.classifier is not None:
+            state["classifier"] = self.classifier.state_dict()
         write_atomic(run_dir / "model.pt", lambda p: torch.save(state, p))
 
     @classmethod
@@ -191,7 +205,9 @@ class LatentDiffusion(nn.Module):
                     AutoencoderConfig(**cfg["autoencoder"]), UNetConfig(**cfg["unet"]),
                     DiffusionConfig(**cfg["diffusion"]), cfg["image_size"], cfg["scale_factor"])
         state = torch.load(run_dir / "model.pt", map_location=map_location, weights_only=True)
-        for name in ("text_encoder", "autoencoder", "unet"):
+        if cfg.get("classifier"):
+            model.classifier = LatentClassifier(ClassifierConfig(**cfg["classifier"]))
+        for name in ("text_encoder", "autoencoder", "unet") + (("classifier",) if model.classifier is not None else ()):
             getattr(model, name).load_state_dict(state[name])
         return model.eval()
 
