@@ -34,13 +34,8 @@ def sample(args):
     import torch
 
     from tinyldm.data import to_uint8
-    from tinyldm.ldm import LatentDiffusion
 
-    device = _device(args.device)
-    try:
-        model = LatentDiffusion.load(args.run, map_location=device).to(device)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}")
+    model, device = _load_run(args)
     prompts = [p for p in args.prompts for _ in range(args.num_images)]
     generator = torch.Generator(device).manual_seed(args.seed)
     guide = {}
@@ -89,6 +84,17 @@ def _device(name):
     return torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _load_run(args):
+    """The trained model of --run on --device, or a clear error for a missing or incomplete run."""
+    from tinyldm.ldm import LatentDiffusion
+
+    device = _device(args.device)
+    try:
+        return LatentDiffusion.load(args.run, map_location=device).to(device), device
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}")
+
+
 def _autocast(device):
     import torch
 
@@ -104,13 +110,8 @@ def evaluate(args):
 
     from tinyldm.data import ShapesConfig, ShapesDataset
     from tinyldm.evaluate import evaluate_model, prompt_set, reconstruction_report
-    from tinyldm.ldm import LatentDiffusion
 
-    device = _device(args.device)
-    try:
-        model = LatentDiffusion.load(args.run, map_location=device).to(device)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}")
+    model, device = _load_run(args)
     out = Path(args.out or Path(args.run) / "eval.json")
     prompts = {kind: prompt_set(kind, args.prompts_per_kind, seed=args.seed) for kind in ("single", "two", "held_out")}
     everything = [pt for kind in prompts for pt in prompts[kind]]
