@@ -442,6 +442,12 @@ def main(argv=None):
     token_ids, token_mask = token_ids.to(device), token_mask.to(device)      # (N, L)
     metrics["time_latents_s"] = time.time() - timer
 
+    def sample_z0(idx):
+        """A fresh z0 = scale·z, z ~ q(z|x) = N(μ, σ²), for cached images idx (each epoch sees new latents)."""
+        mean, logvar = latent_mean[idx], latent_logvar[idx]                   # (B, z, h, w)
+        eps = torch.randn(mean.shape, generator=generator, device=device)
+        return (mean + torch.exp(0.5 * logvar) * eps) * model.scale_factor  # VAE reparametrisation, then scale
+
     # ==== stage 3: text encoder + U-Net =========================================================
     timer = time.time()
     ae.requires_grad_(False)
@@ -450,6 +456,7 @@ def main(argv=None):
     if cfg.compile:
         model.unet.compile()  # in place: state_dict keys stay the same
     params = [p for p in model.parameters() if p.requires_grad]  # text encoder + U-Net
+    ema_params = [p_ema for p_ema, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]  # same order
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.99))  # no decay on biases and norms (GPT-2 practice)
@@ -477,8 +484,7 @@ def main(argv=None):
             stop.save_and_exit(run_dir, stage3_state(step), cfg, main_process)
         step_generator(generator, cfg, 3, step, rank)
         idx = torch.randint(N, (cfg.batch_size,), generator=generator, device=device)
-        eps = torch.randn(latent_mean[idx].shape, generator=generator, device=device)
-        z0 = (latent_mean[idx] + torch.exp(0.5 * latent_logvar[idx]) * eps) * model.scale_factor  # z ~ q(z|x), scaled
+        z0 = sample_z0(idx)
         lr = learning_rate(step, cfg.lr, cfg.warmup, cfg.steps)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -490,9 +496,7 @@ def main(argv=None):
         opt.step()
         with torch.no_grad():  # EMA: θ_ema ← d·θ_ema + (1 − d)·θ, with d warming up from 0.1
             d = min(cfg.ema_decay, (1 + step) / (10 + step))
-            for name in ("text_encoder", "unet"):
-                for p_ema, p in zip(getattr(ema, name).parameters(), getattr(model, name).parameters()):
-                    p_ema.lerp_(p, 1 - d)
+            torch._foreach_lerp_(ema_params, params, 1 - d)  # one fused call for every tensor
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             value = loss.item()
             check_finite(value, 3, step, run_dir)
@@ -523,9 +527,7 @@ def main(argv=None):
                 raise SystemExit(f"interrupted in stage 4: continue with --name {cfg.name} --resume")
             step_generator(generator, cfg, 4, step, rank)
             j = torch.randint(len(keep), (cfg.batch_size,), generator=generator, device=device)
-            idx = keep[j]
-            eps = torch.randn(latent_mean[idx].shape, generator=generator, device=device)
-            z0 = (latent_mean[idx] + torch.exp(0.5 * latent_logvar[idx]) * eps) * model.scale_factor
+            z0 = sample_z0(keep[j])
             for group in classifier_opt.param_groups:
                 group["lr"] = learning_rate(step, cfg.classifier_lr, cfg.classifier_steps // 20, cfg.classifier_steps)
             with autocast(device):  # cross-entropy of each head on z_t = q_sample(z0, t, ε)

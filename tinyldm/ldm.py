@@ -23,7 +23,7 @@ from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
 from tinyldm.classifier import ClassifierConfig, LatentClassifier, make_classifier_grad
 from tinyldm.diffusion import (PREDICTIONS, SCHEDULE_KINDS, NoiseSchedule, ddim_sample, ddpm_sample,
                                diffusion_loss, make_beta_schedule)
-from tinyldm.text_encoder import TextEncoder, TextEncoderConfig, load_tokenizer, tokenize
+from tinyldm.text_encoder import BOS, PAD, TextEncoder, TextEncoderConfig, load_tokenizer, tokenize
 from tinyldm.unet import UNet, UNetConfig
 
 SAMPLERS = ("ddim", "ddpm")
@@ -107,7 +107,10 @@ class LatentDiffusion(nn.Module):
 
     def drop_captions(self, ids, mask, generator=None):
         """Caption dropout for CFG (CFG Sec. 3.2): each row becomes the empty prompt "" w.p. p_uncond."""
-        empty_ids, empty_mask = self.tokenize([""])                        # (1, L): just [BOS]
+        pad = self.tokenizer.token_to_id(PAD)
+        empty_ids = torch.full_like(ids[0], pad)                           # (L,) "" is [BOS] + padding, as
+        empty_ids[0] = self.tokenizer.token_to_id(BOS)                     # tokenize([""]) gives, made on device
+        empty_mask = empty_ids != pad                                      # (L,)
         drop = torch.rand(ids.shape[0], generator=generator, device=ids.device) < self.diffusion_cfg.p_uncond
         ids = torch.where(drop[:, None], empty_ids, ids)                   # (B, L)
         mask = torch.where(drop[:, None], empty_mask, mask)
