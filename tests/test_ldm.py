@@ -113,6 +113,11 @@ def test_generate_validates_and_guidance_changes_the_result():
             p.add_(0.05 * torch.randn_like(p))
     with pytest.raises(ValueError, match="sampler"):
         model.generate(["a red circle"], sampler="euler")
+    model.train()
+    with pytest.raises(ValueError, match="classifier"):
+        model.generate(["a red circle"], classifier_scale=2.0)  # no classifier in this model
+    assert model.training  # a failed call leaves the mode as it was
+    model.eval()
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     one = model.generate(["a red circle"], steps=4, guidance_scale=1.0, generator=gen())
     five = model.generate(["a red circle"], steps=4, guidance_scale=5.0, generator=gen())

@@ -147,29 +147,30 @@ class LatentDiffusion(nn.Module):
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if isinstance(prompts, str):
             prompts = [prompts]
-        was_training = self.training
-        self.eval()
-        cond = self.encode_text(list(prompts))
-        uncond = self.encode_text([""] * len(prompts)) if guidance_scale != 1 else None
+        if classifier_scale != 0 and (self.classifier is None or classifier_target is None):
+            raise ValueError("classifier guidance needs a trained classifier (train_small.py trains one on "
+                             "Shapes) and a classifier_target")
         f = self.autoencoder_cfg.downsample_factor
         H = self.image_size // f
         shape = (len(prompts), self.unet_cfg.in_channels, H, H)            # (B, z, h, w)
-        classifier_grad = None
-        if classifier_scale != 0:
-            if self.classifier is None or classifier_target is None:
-                raise ValueError("classifier guidance needs a trained classifier (train_small.py trains one on "
-                                 "Shapes) and a classifier_target")
-            self.classifier.eval()
-            classifier_grad = make_classifier_grad(self.classifier, classifier_target.to(self.device))
-        kwargs = dict(context=cond, uncond_context=uncond, guidance_scale=guidance_scale,
-                      classifier_grad=classifier_grad, classifier_scale=classifier_scale,
-                      prediction=self.diffusion_cfg.prediction, generator=generator,
-                      progress=progress, callback=callback)
-        if sampler == "ddim":
-            z0 = ddim_sample(self.eps_model, self.schedule, shape, steps=steps, eta=eta, **kwargs)
-        else:
-            z0 = ddpm_sample(self.eps_model, self.schedule, shape, **kwargs)
-        self.train(was_training)
+        was_training = self.training
+        self.eval()
+        try:
+            cond = self.encode_text(list(prompts))
+            uncond = self.encode_text([""] * len(prompts)) if guidance_scale != 1 else None
+            classifier_grad = None
+            if classifier_scale != 0:
+                classifier_grad = make_classifier_grad(self.classifier, classifier_target.to(self.device))
+            kwargs = dict(context=cond, uncond_context=uncond, guidance_scale=guidance_scale,
+                          classifier_grad=classifier_grad, classifier_scale=classifier_scale,
+                          prediction=self.diffusion_cfg.prediction, generator=generator,
+                          progress=progress, callback=callback)
+            if sampler == "ddim":
+                z0 = ddim_sample(self.eps_model, self.schedule, shape, steps=steps, eta=eta, **kwargs)
+            else:
+                z0 = ddpm_sample(self.eps_model, self.schedule, shape, **kwargs)
+        finally:
+            self.train(was_training)  # also after an error or Ctrl-C: training code keeps its mode
         images = self.decode_latents(z0)
         return (images, z0) if return_latents else images
 
