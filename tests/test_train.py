@@ -1,10 +1,7 @@
 """End to end: train_small.py (all stages), resume, DDP, checkpoints, NaN guard, CLI errors."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,31 +12,13 @@ import train_small
 from tinyldm.__main__ import main as cli
 from tinyldm.ldm import LatentDiffusion
 
-ROOT = Path(__file__).resolve().parents[1]
-# the tiny preset, made smaller still so that each run takes seconds
-TINY = ["--preset", "tiny", "--num-train", "256", "--num-val", "32", "--ae-steps", "40", "--steps", "40",
-        "--classifier-steps", "20", "--log-every", "5", "--checkpoint-every", "20", "--sample-steps", "4",
-        "--device", "cpu"]
+from conftest import TINY, finish, run_script
 
 
-def run_script(args, env_threads=1, **kw):
-    env = dict(os.environ, OMP_NUM_THREADS=str(env_threads), PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
-
-
-def finish(proc, timeout=240):
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
-
-
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    """One uninterrupted tiny run in a subprocess (the reference for resume, and the e2e checks)."""
-    runs = tmp_path_factory.mktemp("runs")
-    code, out = finish(run_script(["train_small.py", *TINY, "--runs-dir", str(runs), "--name", "ref"]))
-    assert code == 0, out
-    return runs / "ref"
+@pytest.fixture
+def reference_run(tiny_run):
+    """The session's uninterrupted tiny run (conftest.py): the reference for resume, and the e2e checks."""
+    return tiny_run
 
 
 def test_tiny_run_leaves_a_complete_run_folder(reference_run):

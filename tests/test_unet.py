@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinyldm.unet import Attention, FeedForward, UNet, UNetConfig, attention, timestep_embedding
+from tinyldm.unet import Attention, FeedForward, UNet, UNetConfig, attention, attention_weights, timestep_embedding
 
 
 def tiny_config(**overrides):
@@ -155,6 +155,28 @@ def test_attention_matches_sdpa(with_mask):
         keep = mask[0]
         only_kept = F.scaled_dot_product_attention(q[:1], k[:1, :, keep], v[:1, :, keep])
         torch.testing.assert_close(manual[:1], only_kept, atol=1e-5, rtol=1e-5)
+
+
+def test_kept_cross_attention_weights_are_the_softmax(model):
+    """keep_attention_weights: each cross-attention layer keeps softmax(QKᵀ/√d) (Transformer Eq. 1) of its
+    last call, (B, heads, HW, L): rows sum to 1 and padding tokens get weight 0; self-attention keeps none."""
+    x, t, context = make_inputs(model.cfg)
+    mask = torch.tensor([[True, True, False, False, False], [True] * 5])
+    model.keep_attention_weights(True)
+    with torch.no_grad():
+        model(x, t, context, mask)
+    cross = [m for m in model.modules() if isinstance(m, Attention) and m.is_cross]
+    assert cross and all(m.weights is None for m in model.modules() if isinstance(m, Attention) and not m.is_cross)
+    for m in cross:
+        B, heads, N, L = m.weights.shape
+        assert (B, heads, L) == (2, model.cfg.num_heads, 5)
+        torch.testing.assert_close(m.weights.sum(-1), torch.ones(B, heads, N))
+        assert m.weights[0, :, :, 2:].abs().max() == 0  # masked tokens
+    model.keep_attention_weights(False)
+    assert all(m.weights is None and not m.keep_weights for m in cross)
+    q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 3, 8)
+    ref = torch.softmax(q @ k.transpose(-2, -1) / 8 ** 0.5, dim=-1)
+    torch.testing.assert_close(attention_weights(q, k), ref)
 
 
 def test_attention_module_self_and_cross():

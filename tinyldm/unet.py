@@ -80,42 +80,51 @@ def timestep_embedding(t, dim, max_period=10000):
     return emb
 
 
-def attention(q, k, v, mask=None, fused=False):
-    """Scaled dot-product attention (Transformer Eq. 1): softmax(QKᵀ/√d)·V.
+def attention_weights(q, k, mask=None):
+    """The attention weights (Transformer Eq. 1): softmax(QKᵀ/√d) over the keys, in float32.
 
-    q (B, heads, Lq, d), k and v (B, heads, Lk, d) -> (B, heads, Lq, d).
+    q (B, heads, Lq, d), k (B, heads, Lk, d) -> (B, heads, Lq, Lk), each row sums to 1.
     mask (B, Lk) bool, True = attend, False = ignore (padding tokens). Every row of the mask must
     have at least one True (the tokenizer always emits a begin token): a row of only False makes
     the softmax 0/0, undefined (NaN).
+    """
+    d = q.shape[-1]
+    logits = (q @ k.transpose(-2, -1)).float() * (1.0 / math.sqrt(d))  # Transformer Eq. 1: QKᵀ/√d, (B, heads, Lq, Lk)
+    if mask is not None:
+        logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))  # padding keys get weight exp(−∞) = 0
+    return logits.softmax(dim=-1)  # softmax over keys, (B, heads, Lq, Lk)
+
+
+def attention(q, k, v, mask=None, fused=False):
+    """Scaled dot-product attention (Transformer Eq. 1): softmax(QKᵀ/√d)·V.
+
+    q (B, heads, Lq, d), k and v (B, heads, Lk, d) -> (B, heads, Lq, d); mask as in attention_weights.
     fused=True calls F.scaled_dot_product_attention (flash/memory-efficient kernels on GPU);
     fused=False is the written-out reference, with the softmax in float32 for bf16 safety.
     """
-    attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, Lk), broadcasts over heads, Lq
     if fused:
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, Lk), broadcasts over heads, Lq
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    d = q.shape[-1]
-    logits = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(d))  # Transformer Eq. 1: QKᵀ/√d, (B, heads, Lq, Lk)
-    logits = logits.float()
-    if attn_mask is not None:
-        logits = logits.masked_fill(~attn_mask, float("-inf"))  # padding keys get weight exp(−∞) = 0
-    weights = logits.softmax(dim=-1).to(v.dtype)  # softmax over keys, (B, heads, Lq, Lk)
-    return weights @ v  # (B, heads, Lq, d)
+    return attention_weights(q, k, mask).to(v.dtype) @ v  # Transformer Eq. 1: weights·V, (B, heads, Lq, d)
 
 
 class Attention(nn.Module):
     """Multi-head attention: self-attention when context is None, cross-attention otherwise.
 
     LDM Eq. 3: Q = W_Q·φ(z_t), K = W_K·τ(y), V = W_V·τ(y). The flag `fused` is read at every
-    forward call (UNet.set_fused_attention flips it).
+    forward call (UNet.set_fused_attention flips it). With `keep_weights` True (UNet.keep_attention_weights
+    sets it), each call also stores its softmax weights in `self.weights`, (B, heads, N, L), for plots.
     """
 
     def __init__(self, query_dim, context_dim=None, heads=4, fused=True):
         super().__init__()
         if query_dim % heads != 0:
             raise ValueError(f"query_dim={query_dim} must be divisible by heads={heads}")
+        self.is_cross = context_dim is not None  # cross-attention: keys and values come from the text
         context_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
         self.fused = fused
+        self.keep_weights, self.weights = False, None
         self.to_q = nn.Linear(query_dim, query_dim, bias=False)  # W_Q
         self.to_k = nn.Linear(context_dim, query_dim, bias=False)  # W_K
         self.to_v = nn.Linear(context_dim, query_dim, bias=False)  # W_V
@@ -130,6 +139,8 @@ class Attention(nn.Module):
         q = self.to_q(x).view(B, N, self.heads, d).transpose(1, 2)  # LDM Eq. 3: Q = W_Q·φ(z_t), (B, heads, N, d)
         k = self.to_k(c).view(B, L, self.heads, d).transpose(1, 2)  # LDM Eq. 3: K = W_K·τ(y), (B, heads, L, d)
         v = self.to_v(c).view(B, L, self.heads, d).transpose(1, 2)  # LDM Eq. 3: V = W_V·τ(y), (B, heads, L, d)
+        if self.keep_weights:
+            self.weights = attention_weights(q, k, mask).detach()  # (B, heads, N, L), kept for plots
         out = attention(q, k, v, mask=mask, fused=self.fused)  # (B, heads, N, d)
         out = out.transpose(1, 2).reshape(B, N, C)  # (B, N, C), heads concatenated
         return self.to_out(out)
@@ -295,6 +306,12 @@ class UNet(nn.Module):
         for m in self.modules():
             if isinstance(m, Attention):
                 m.fused = bool(flag)
+
+    def keep_attention_weights(self, flag: bool):
+        """Make every cross-attention layer keep its last weights in `.weights` (B, heads, HW, L), or stop."""
+        for m in self.modules():
+            if isinstance(m, Attention) and m.is_cross:
+                m.keep_weights, m.weights = bool(flag), None
 
     @staticmethod
     def _run(layers, h, emb, context, mask):
