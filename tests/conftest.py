@@ -1,5 +1,6 @@
 """Shared test settings, and one tiny training run that several test files read."""
 
+import json
 import os
 import subprocess
 import sys
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tinyldm.assignments import NUMBERS, RegionTracer
 
 ROOT = Path(__file__).resolve().parents[1]
 # the tiny preset, made smaller still so that each run takes seconds
@@ -44,3 +47,56 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# --- course assignments: `@pytest.mark.assignment(N)` (see tinyldm/assignments.py) ------------
+
+
+def pytest_addoption(parser):
+    parser.addoption("--assignment", type=int, action="append", metavar="N",
+                     help="run only the tests of assignment N (repeatable)")
+    parser.addoption("--trace-regions", metavar="FILE",
+                     help="write which assignment regions each test ran through (JSON), for tests/test_assignments.py")
+
+
+def pytest_configure(config):
+    if config.getoption("trace_regions"):
+        config.region_tracer = RegionTracer()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Check each test's assignment marker (one at most, a known number), record it for the grader's
+    report (junit XML property "assignment"), and keep only the tests of --assignment if given."""
+    wanted = config.getoption("assignment")
+    selected, deselected = [], []
+    for item in items:
+        marks = list(item.iter_markers("assignment"))
+        if len(marks) > 1:
+            raise pytest.UsageError(f"{item.nodeid}: {len(marks)} assignment markers; a test grades one assignment")
+        number = marks[0].args[0] if marks and marks[0].args else None
+        if marks and number not in NUMBERS:
+            raise pytest.UsageError(f"{item.nodeid}: assignment({marks[0].args}) is not one of {NUMBERS}")
+        if number is not None:
+            item.user_properties.append(("assignment", number))
+        (selected if wanted is None or number in wanted else deselected).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    tracer = getattr(item.config, "region_tracer", None)
+    if tracer is not None:
+        tracer.start()
+    try:
+        yield
+    finally:
+        if tracer is not None:
+            tracer.stop(item.nodeid)
+
+
+def pytest_sessionfinish(session):
+    tracer = getattr(session.config, "region_tracer", None)
+    if tracer is not None:
+        Path(session.config.getoption("trace_regions")).write_text(json.dumps(tracer.record, indent=1))

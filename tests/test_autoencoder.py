@@ -96,6 +96,7 @@ def test_attention_matches_scaled_dot_product_attention():
 # The posterior q(z|x)
 
 
+@pytest.mark.assignment(4)
 def test_kl_matches_torch_distributions():
     """VAE App. B: kl() = ½Σ(μ² + σ² − 1 − log σ²) equals torch's KL(N(μ,σ) ‖ N(0,1)) summed over C,H,W."""
     g = torch.Generator().manual_seed(0)
@@ -108,12 +109,14 @@ def test_kl_matches_torch_distributions():
     torch.testing.assert_close(kl_loss(posterior).double(), reference.mean())
 
 
+@pytest.mark.assignment(4)
 def test_kl_of_standard_normal_is_zero():
     """KL(N(0, I) ‖ N(0, I)) is exactly 0 for every image."""
     posterior = DiagonalGaussian(torch.zeros(2, 4, 3, 3), torch.zeros(2, 4, 3, 3))
     assert torch.equal(posterior.kl(), torch.zeros(2))
 
 
+@pytest.mark.assignment(4)
 def test_sample_has_right_moments():
     """z = μ + σ·ε has empirical mean μ and std σ (per channel, 10⁴ draws each)."""
     mu = torch.tensor([1.5, -0.5]).view(1, 2, 1, 1).expand(1, 2, 100, 100)
@@ -125,6 +128,7 @@ def test_sample_has_right_moments():
         assert abs(z[0, c].std().item() / s - 1) < 0.03
 
 
+@pytest.mark.assignment(4)
 def test_sample_is_reparametrised_and_reproducible():
     """Same generator seed → same z; dz/dμ = 1 and dz/dlogvar = ½σε (VAE Sec. 2.4)."""
     mean = torch.randn(2, 4, 3, 3, requires_grad=True)
@@ -227,6 +231,7 @@ def test_patch_discriminator_shapes():
         disc(torch.randn(1, 3, 16, 16))
 
 
+@pytest.mark.assignment(4)
 def test_autoencoder_loss_is_rec_plus_weighted_kl():
     """LDM Eq. 25 without the adversarial term: loss = L1(x, D(z)) + kl_weight·mean KL / (C·H·W), z from the generator."""
     torch.manual_seed(0)
@@ -246,6 +251,7 @@ def test_autoencoder_loss_is_rec_plus_weighted_kl():
     assert parts["g"] == 0.0 and parts["weight"] == 0.0
 
 
+@pytest.mark.assignment(4)
 def test_adversarial_term_switches_on_and_reaches_decoder():
     """After disc_start the loss gains λ·disc_weight·L_G ≠ 0, and its gradient reaches decoder and encoder."""
     torch.manual_seed(0)

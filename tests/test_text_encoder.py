@@ -102,6 +102,7 @@ def _encoder(**kw):
     return TextEncoder(TextEncoderConfig(vocab_size=50, max_length=10, d_model=32, n_heads=4, **kw)).eval()
 
 
+@pytest.mark.assignment(7)
 def test_output_shape():
     """τ_θ maps (B, L) ids and mask to a (B, L, d_model) context."""
     enc = _encoder()
@@ -109,6 +110,7 @@ def test_output_shape():
     assert enc(ids, torch.ones(3, 7, dtype=torch.bool)).shape == (3, 7, 32)
 
 
+@pytest.mark.assignment(7)
 def test_attention_matches_torch_reference():
     """The written-out masked attention equals F.scaled_dot_product_attention with the same mask."""
     enc = _encoder()
@@ -122,6 +124,7 @@ def test_attention_matches_torch_reference():
     assert torch.allclose(attn(x, mask), ref, atol=1e-6)
 
 
+@pytest.mark.assignment(7)
 def test_padding_does_not_change_real_tokens():
     """Whatever sits at masked (padding) positions, the context of the real tokens is the same."""
     enc = _encoder()
@@ -135,6 +138,24 @@ def test_padding_does_not_change_real_tokens():
     assert not torch.allclose(a[0, :3], unmasked[0, :3], atol=1e-4)
 
 
+@pytest.mark.assignment(7)
+def test_encoder_is_a_pre_ln_transformer():
+    """τ(y) = LN_f(blocks(E[ids] + P)), each block x + Attn(LN₁x) then x + MLP(LN₂x), with attention
+    from F.scaled_dot_product_attention (padding keys masked): the composition written out here."""
+    enc = _encoder(n_layers=2)
+    ids = torch.tensor([[2, 5, 9, 0, 0, 0], [2, 7, 8, 11, 13, 4]])
+    mask = ids != 0
+    x = enc.token_embedding(ids) + enc.position_embedding[:6]
+    for block in enc.blocks:
+        q, k, v = block.attn.qkv(block.ln1(x)).split(32, dim=-1)
+        q, k, v = (t.view(2, 6, 4, 8).transpose(1, 2) for t in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        x = x + block.attn.out(a.transpose(1, 2).reshape(2, 6, 32))
+        x = x + block.mlp(block.ln2(x))
+    assert torch.allclose(enc(ids, mask), enc.ln_final(x), atol=1e-5)
+
+
+@pytest.mark.assignment(7)
 def test_every_parameter_gets_a_gradient():
     """The loss reaches every weight (no dead branch)."""
     enc = _encoder()

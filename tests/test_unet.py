@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinyldm.unet import Attention, FeedForward, UNet, UNetConfig, attention, attention_weights, timestep_embedding
+from tinyldm.unet import (Attention, FeedForward, ResBlock, UNet, UNetConfig, attention, attention_weights,
+                          timestep_embedding)
 
 
 def tiny_config(**overrides):
@@ -44,6 +45,7 @@ def model():
     return randomise_weights(UNet(tiny_config())).eval()
 
 
+@pytest.mark.assignment(6)
 def test_timestep_embedding_closed_form():
     """Sinusoidal embedding (Transformer §3.5): emb = [cos(t·ω_i), sin(t·ω_i)], ω_i = 10000^(−i/half)."""
     t = torch.tensor([0, 1, 500])
@@ -136,6 +138,45 @@ def test_masked_tokens_are_ignored(model, fused):
     assert (out_unmasked[0] - ref[0]).abs().max() > 1e-4
 
 
+@pytest.mark.assignment(6)
+def test_resblock_adds_the_time_embedding_and_the_skip():
+    """ResBlock: h = conv₁(SiLU(GN(x))) + W·SiLU(e); out = skip(x) + conv₂(SiLU(GN(h))), written with
+    torch.nn.functional on the block's weights; at init (conv₂ = 0) the block is its skip path."""
+    torch.manual_seed(0)
+    block = ResBlock(8, 16, time_dim=12, num_groups=4).eval()
+    x, emb = torch.randn(2, 8, 6, 6), torch.randn(2, 12)
+    skip = F.conv2d(x, block.skip.weight, block.skip.bias)  # 1×1 conv: the widths differ
+    torch.testing.assert_close(block(x, emb), skip)  # zero-initialised conv₂
+    randomise_weights(block)
+    h = F.conv2d(F.silu(F.group_norm(x, 4, block.norm1.weight, block.norm1.bias, eps=1e-6)),
+                 block.conv1.weight, block.conv1.bias, padding=1)
+    h = h + F.linear(F.silu(emb), block.time_proj.weight, block.time_proj.bias)[:, :, None, None]
+    h = F.conv2d(F.silu(F.group_norm(h, 4, block.norm2.weight, block.norm2.bias, eps=1e-6)),
+                 block.conv2.weight, block.conv2.bias, padding=1)
+    skip = F.conv2d(x, block.skip.weight, block.skip.bias)
+    torch.testing.assert_close(block(x, emb), skip + h, atol=1e-5, rtol=1e-5)
+    same_width = ResBlock(8, 8, time_dim=12, num_groups=4)
+    torch.testing.assert_close(same_width(x, emb), x)  # identity skip, zero conv₂
+
+
+@pytest.mark.assignment(5)
+def test_attention_weights_are_the_softmax():
+    """attention_weights = softmax(QKᵀ/√d) over the keys (Transformer Eq. 1), computed in float32;
+    masked keys get weight exactly 0 and each row sums to 1."""
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(2, 3, 4, 8, generator=g), torch.randn(2, 3, 5, 8, generator=g)
+    ref = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(8), dim=-1)
+    torch.testing.assert_close(attention_weights(q, k), ref)
+    mask = torch.tensor([[True, False, True, True, False], [True] * 5])
+    w = attention_weights(q.bfloat16(), k.bfloat16(), mask)
+    assert w.dtype == torch.float32 and w.shape == (2, 3, 4, 5)
+    assert w[0, :, :, 1].abs().max() == 0 and w[0, :, :, 4].abs().max() == 0
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 3, 4))
+    kept = torch.softmax(q[0] @ k[0, :, [0, 2, 3]].transpose(-2, -1) / math.sqrt(8), dim=-1)
+    torch.testing.assert_close(w[0, :, :, [0, 2, 3]], kept, atol=2e-2, rtol=2e-2)  # bf16 inputs
+
+
+@pytest.mark.assignment(5)
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_attention_matches_sdpa(with_mask):
     """Written-out softmax(QKᵀ/√d)V equals torch's F.scaled_dot_product_attention (the reference),
@@ -174,11 +215,9 @@ def test_kept_cross_attention_weights_are_the_softmax(model):
         assert m.weights[0, :, :, 2:].abs().max() == 0  # masked tokens
     model.keep_attention_weights(False)
     assert all(m.weights is None and not m.keep_weights for m in cross)
-    q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 3, 8)
-    ref = torch.softmax(q @ k.transpose(-2, -1) / 8 ** 0.5, dim=-1)
-    torch.testing.assert_close(attention_weights(q, k), ref)
 
 
+@pytest.mark.assignment(5)
 def test_attention_module_self_and_cross():
     """Attention with context=None is self-attention (K, V from x); with a context, K, V come from it."""
     torch.manual_seed(0)

@@ -112,9 +112,11 @@ class DiagonalGaussian:
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Reparametrised sample, differentiable in mean and logvar."""
+        # BEGIN ASSIGNMENT 4: the reparametrisation trick, ε drawn from `generator`
         eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device,
                           dtype=self.mean.dtype)
         return self.mean + self.std * eps  # VAE (Kingma & Welling) Sec. 2.4: z = μ + σ ⊙ ε
+        # END ASSIGNMENT 4
 
     def mode(self) -> torch.Tensor:
         """The most likely latent, μ (used to encode deterministically)."""
@@ -122,10 +124,12 @@ class DiagonalGaussian:
 
     def kl(self) -> torch.Tensor:
         """KL(N(μ, σ²) ‖ N(0, I)) summed over C, H, W: one value per image, shape (B,)."""
+        # BEGIN ASSIGNMENT 4: VAE App. B, in float32, summed over every dimension but the batch
         mean, var, logvar = self.mean.float(), self.var.float(), self.logvar.float()  # fp32 under autocast
         dims = list(range(1, mean.dim()))
         # VAE (Kingma & Welling) App. B: KL = ½ Σ (μ² + σ² − 1 − log σ²)
         return 0.5 * torch.sum(mean.pow(2) + var - 1.0 - logvar, dim=dims)
+        # END ASSIGNMENT 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,10 +398,12 @@ def autoencoder_loss(model, x: torch.Tensor, step: int, discriminator=None,
     """
     core = getattr(model, "module", model)  # the Autoencoder itself, also under DDP
     cfg = core.cfg
+    # BEGIN ASSIGNMENT 4: LDM Eq. 25 without the adversarial term; defines x_hat, rec, kl and loss
     x_hat, posterior = model(x, sample_posterior=True, generator=generator)  # z ~ q(z|x), x̂ = D(z)
     rec = reconstruction_loss(x, x_hat, cfg.recon_loss)
     kl = kl_loss(posterior)
     loss = rec + cfg.kl_weight * kl / x[0].numel()  # LDM Eq. 25: L_rec + L_reg, per pixel value
+    # END ASSIGNMENT 4
     g = torch.zeros((), device=x.device)
     weight = torch.zeros((), device=x.device)
     if discriminator is not None and cfg.disc_weight > 0 and step >= cfg.disc_start:

@@ -55,10 +55,13 @@ def make_beta_schedule(kind, T=1000, beta_start=1e-4, beta_end=2e-2):
     "scaled_linear"  linear in √β (what CompVis calls "linear" and Stable Diffusion uses).
     "cosine"         Improved DDPM Eq. 17 with s = 0.008, β clipped at 0.999; ignores beta_start/end.
     """
+    if kind not in SCHEDULE_KINDS:
+        raise ValueError(f"unknown beta schedule kind {kind!r}; expected one of {SCHEDULE_KINDS}")
     if not isinstance(T, Integral) or T < 1:
         raise ValueError(f"T must be a positive integer; got {T!r}")
     if kind in ("linear", "scaled_linear") and not 0 < beta_start <= beta_end < 1:
         raise ValueError(f"need 0 < beta_start <= beta_end < 1; got {beta_start}, {beta_end}")
+    # BEGIN ASSIGNMENT 1: the three schedules, each a float64 tensor (T,)
     if kind == "linear":
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
     if kind == "scaled_linear":
@@ -70,7 +73,7 @@ def make_beta_schedule(kind, T=1000, beta_start=1e-4, beta_end=2e-2):
         alpha_bar = f / f[0]  # Improved DDPM Eq. 17: ᾱ(t) = f(t)/f(0)   (T+1,)
         betas = 1 - alpha_bar[1:] / alpha_bar[:-1]  # Improved DDPM Sec. 3.2: β_t = 1 − ᾱ_t/ᾱ_{t−1}   (T,)
         return betas.clamp(max=0.999)  # Improved DDPM Sec. 3.2: clip to avoid the singularity near t = T
-    raise ValueError(f"unknown beta schedule kind {kind!r}; expected one of {SCHEDULE_KINDS}")
+    # END ASSIGNMENT 1
 
 
 def _check_same_shape(**tensors):
@@ -154,9 +157,11 @@ class NoiseSchedule(nn.Module):
     def q_sample(self, x0, t, eps):
         """Jump from the data to step t in one go: a sample of q(x_t | x0)."""
         _check_same_shape(x0=x0, eps=eps)
+        # BEGIN ASSIGNMENT 1: DDPM Eq. 4 (self._gather(values, t, x) gives values[t], shaped to broadcast)
         # DDPM Eq. 4, reparametrised: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε
         return (self._gather(self.sqrt_alpha_bars, t, x0) * x0
                 + self._gather(self.sqrt_one_minus_alpha_bars, t, x0) * eps)
+        # END ASSIGNMENT 1
 
     def predict_x0(self, x_t, t, eps):
         """The clean data implied by x_t and a noise (prediction) ε."""
@@ -176,11 +181,13 @@ class NoiseSchedule(nn.Module):
         The mean has the shape of x_t; the variance is (B, 1, ..., 1), or (1, ..., 1) for an int t.
         """
         _check_same_shape(x0=x0, x_t=x_t)
+        # BEGIN ASSIGNMENT 2: DDPM Eqs. 6–7 (the coefficients are buffers made in __init__)
         # DDPM Eq. 7: μ̃_t = √ᾱ_{t−1}·β_t/(1−ᾱ_t)·x0 + √α_t·(1−ᾱ_{t−1})/(1−ᾱ_t)·x_t
         mean = (self._gather(self.posterior_mean_coef_x0, t, x_t) * x0
                 + self._gather(self.posterior_mean_coef_xt, t, x_t) * x_t)
         variance = self._gather(self.posterior_variance, t, x_t)  # DDPM Eq. 7: β̃_t = (1−ᾱ_{t−1})/(1−ᾱ_t)·β_t
         return mean, variance
+        # END ASSIGNMENT 2
 
     # --- one reverse step -------------------------------------------------------------------
 
@@ -191,6 +198,7 @@ class NoiseSchedule(nn.Module):
         x_{t−1} = (x_t − β_t/√(1−ᾱ_t)·ε)/√α_t + σ_t·z with σ_t² = β̃_t. `noise` (shape of x_t)
         replaces the draw from `generator`; `clip_x0` clamps x̂0 to [−clip_x0, clip_x0].
         """
+        # BEGIN ASSIGNMENT 2: DDPM Algorithm 2, line 4, through x̂0 (self.predict_x0) and self.q_posterior
         x0 = self.predict_x0(x_t, t, eps)  # DDPM Eq. 15
         if clip_x0 is not None:
             x0 = x0.clamp(-clip_x0, clip_x0)
@@ -201,6 +209,7 @@ class NoiseSchedule(nn.Module):
         # DDPM Alg. 2 line 4: x_{t−1} = μ̃ + σ_t·z. No noise at t = 0 ("z = 0 if t = 1" in paper steps):
         # there σ_0² = β̃_0 = (1−ᾱ_{−1})/(1−ᾱ_0)·β_0 = 0 exactly, because ᾱ_{−1} = 1.
         return mean + variance.sqrt() * noise
+        # END ASSIGNMENT 2
 
     def ddim_step(self, x_t, t, t_prev, eps, eta=0.0, noise=None, generator=None, clip_x0=None):
         """One DDIM step x_t → x_{t_prev} for any t_prev < t; t_prev = −1 means ᾱ_prev = 1 (the data).
@@ -213,6 +222,7 @@ class NoiseSchedule(nn.Module):
             raise ValueError(f"eta must be >= 0; got {eta}")
         if isinstance(t, Integral) and isinstance(t_prev, Integral) and not t_prev < t:
             raise ValueError(f"DDIM steps backwards: need t_prev < t; got t={t}, t_prev={t_prev}")
+        # BEGIN ASSIGNMENT 3: DDIM Eqs. 12 and 16
         alpha_bar = self._gather(self.alpha_bars, t, x_t)  # ᾱ_t   (B, 1, ..., 1)
         # ᾱ_{t_prev} is alpha_bars_prev[t_prev + 1]; this also covers t_prev = −1, where ᾱ_{−1} = 1
         alpha_bar_prev = self._gather(self.alpha_bars_prev, t_prev + 1, x_t)  # (B, 1, ..., 1)
@@ -230,6 +240,7 @@ class NoiseSchedule(nn.Module):
             _check_same_shape(x_t=x_t, noise=noise)
             x_prev = x_prev + sigma * noise
         return x_prev
+        # END ASSIGNMENT 3
 
     # --- other parametrisations: SNR, v and the score ---------------------------------------
 
@@ -278,7 +289,9 @@ def classifier_free_guidance(eps_cond, eps_uncond, scale):
     pushes ε along it: ε̃ = ε_u + s·(ε_c − ε_u) = (1+w)·ε_c − w·ε_u with s = 1 + w (CFG Eq. 6).
     """
     _check_same_shape(eps_cond=eps_cond, eps_uncond=eps_uncond)
+    # BEGIN ASSIGNMENT 3: CFG Eq. 6
     return eps_uncond + scale * (eps_cond - eps_uncond)  # CFG Eq. 6: ε̃ = ε_u + s·(ε_c − ε_u)
+    # END ASSIGNMENT 3
 
 
 def classifier_guidance(schedule, eps, t, grad_log_p, scale):
@@ -288,8 +301,10 @@ def classifier_guidance(schedule, eps, t, grad_log_p, scale):
     so it is turned into ε units with ε = −√(1−ᾱ_t)·score (Guided Eq. 11) and added.
     """
     _check_same_shape(eps=eps, grad_log_p=grad_log_p)
+    # BEGIN ASSIGNMENT 3: Guided Eq. 14 (schedule.eps_from_score turns a score into ε units)
     # Guided Eq. 14: ε̂ = ε − s·√(1−ᾱ_t)·∇_{x_t} log p(y|x_t)
     return eps + scale * schedule.eps_from_score(grad_log_p, t)
+    # END ASSIGNMENT 3
 
 
 # --- samplers ---------------------------------------------------------------------------------
@@ -364,6 +379,7 @@ def ddpm_sample(model, schedule, shape, context=None, uncond_context=None, guida
     """
     _check_prediction(prediction)
     x_t = _initial_noise(schedule, shape, generator, x_T)
+    # BEGIN ASSIGNMENT 8: DDPM Algorithm 2, with _guided_eps for ε and the callback before each step
     for i, t in enumerate(_progress(range(schedule.T - 1, -1, -1), progress)):
         eps = _guided_eps(model, schedule, x_t, t, context, uncond_context, guidance_scale,
                           classifier_grad, classifier_scale, prediction)
@@ -372,6 +388,7 @@ def ddpm_sample(model, schedule, shape, context=None, uncond_context=None, guida
             callback(i, t, x_t, x0_pred if clip_x0 is None else x0_pred.clamp(-clip_x0, clip_x0))
         x_t = schedule.ddpm_step(x_t, t, eps, generator=generator, clip_x0=clip_x0)
     return x_t
+    # END ASSIGNMENT 8
 
 
 @torch.no_grad()
@@ -386,6 +403,7 @@ def ddim_sample(model, schedule, shape, context=None, uncond_context=None, guida
     _check_prediction(prediction)
     timesteps = ddim_timesteps(schedule.T, steps)
     x_t = _initial_noise(schedule, shape, generator, x_T)
+    # BEGIN ASSIGNMENT 8: DDIM along `timesteps`, t_prev = −1 after the last
     for i, t in enumerate(_progress(timesteps, progress)):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1  # −1: the last step lands on the data
         eps = _guided_eps(model, schedule, x_t, t, context, uncond_context, guidance_scale,
@@ -395,6 +413,7 @@ def ddim_sample(model, schedule, shape, context=None, uncond_context=None, guida
             callback(i, t, x_t, x0_pred if clip_x0 is None else x0_pred.clamp(-clip_x0, clip_x0))
         x_t = schedule.ddim_step(x_t, t, t_prev, eps, eta=eta, generator=generator, clip_x0=clip_x0)
     return x_t
+    # END ASSIGNMENT 8
 
 
 # --- training objective -----------------------------------------------------------------------
@@ -407,6 +426,7 @@ def diffusion_loss(model, schedule, x0, context, prediction="eps", generator=Non
     given; target is ε, or v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 when prediction == "v". Computed in float32.
     """
     _check_prediction(prediction)
+    # BEGIN ASSIGNMENT 8: DDPM Eq. 14 (Algorithm 1), or the v target
     B = x0.shape[0]
     if t is None:
         t = torch.randint(0, schedule.T, (B,), generator=generator, device=x0.device)  # t ~ U{0, …, T−1}
@@ -418,3 +438,4 @@ def diffusion_loss(model, schedule, x0, context, prediction="eps", generator=Non
     out = model(x_t, t, context)
     _check_same_shape(model_output=out, target=target)
     return F.mse_loss(out.float(), target.float())  # DDPM Eq. 14: ‖ε − ε_θ(x_t, t)‖²
+    # END ASSIGNMENT 8

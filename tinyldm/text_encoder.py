@@ -105,6 +105,7 @@ class SelfAttention(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, mask):
+        # BEGIN ASSIGNMENT 7: multi-head self-attention, [PAD] keys masked out
         B, L, D = x.shape
         h, d = self.n_heads, D // self.n_heads
         q, k, v = self.qkv(x).split(D, dim=-1)                            # 3 x (B, L, D)
@@ -115,6 +116,7 @@ class SelfAttention(nn.Module):
         weights = logits.float().softmax(dim=-1).to(v.dtype)
         y = (weights @ v).transpose(1, 2).reshape(B, L, D)                 # (B, L, D)
         return self.dropout(self.out(y))
+        # END ASSIGNMENT 7
 
 
 class Block(nn.Module):
@@ -129,8 +131,10 @@ class Block(nn.Module):
                                  nn.Dropout(cfg.dropout))
 
     def forward(self, x, mask):
+        # BEGIN ASSIGNMENT 7: the pre-LN block
         x = x + self.attn(self.ln1(x), mask)
         return x + self.mlp(self.ln2(x))
+        # END ASSIGNMENT 7
 
 
 class TextEncoder(nn.Module):
@@ -152,7 +156,9 @@ class TextEncoder(nn.Module):
             raise ValueError(f"got {L} tokens per prompt, the encoder takes at most {self.cfg.max_length}")
         if mask.shape != token_ids.shape:
             raise ValueError(f"mask shape {tuple(mask.shape)} != token_ids shape {tuple(token_ids.shape)}")
+        # BEGIN ASSIGNMENT 7: embeddings, the blocks, the final LayerNorm
         x = self.token_embedding(token_ids) + self.position_embedding[:L]   # (B, L, d)
         for block in self.blocks:
             x = block(x, mask)
         return self.ln_final(x)                                             # (B, L, d)
+        # END ASSIGNMENT 7

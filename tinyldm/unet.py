@@ -70,6 +70,7 @@ def timestep_embedding(t, dim, max_period=10000):
     [cos(t·ω_0), …, cos(t·ω_{half−1}), sin(t·ω_0), …, sin(t·ω_{half−1})] (the CompVis order), with
     one zero column appended when dim is odd. t may be integer or float (fractional steps are fine).
     """
+    # BEGIN ASSIGNMENT 6: the sinusoidal embedding, cos half first
     half = dim // 2
     i = torch.arange(half, device=t.device, dtype=torch.float32)
     omega = torch.exp(-math.log(max_period) * i / half)  # ω_i = max_period^(−i/half)
@@ -78,6 +79,7 @@ def timestep_embedding(t, dim, max_period=10000):
     if dim % 2 == 1:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)  # (B, dim)
     return emb
+    # END ASSIGNMENT 6
 
 
 def attention_weights(q, k, mask=None):
@@ -88,11 +90,13 @@ def attention_weights(q, k, mask=None):
     have at least one True (the tokenizer always emits a begin token): a row of only False makes
     the softmax 0/0, undefined (NaN).
     """
+    # BEGIN ASSIGNMENT 5: Transformer Eq. 1, the softmax part, in float32
     d = q.shape[-1]
     logits = (q @ k.transpose(-2, -1)).float() * (1.0 / math.sqrt(d))  # Transformer Eq. 1: QKᵀ/√d, (B, heads, Lq, Lk)
     if mask is not None:
         logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))  # padding keys get weight exp(−∞) = 0
     return logits.softmax(dim=-1)  # softmax over keys, (B, heads, Lq, Lk)
+    # END ASSIGNMENT 5
 
 
 def attention(q, k, v, mask=None, fused=False):
@@ -132,6 +136,7 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None, mask=None):
         """x (B, N, C), context (B, L, context_dim) or None, mask (B, L) bool or None -> (B, N, C)."""
+        # BEGIN ASSIGNMENT 5: LDM Eq. 3 with heads; `attention` does the rest
         B, N, C = x.shape
         c = x if context is None else context
         L = c.shape[1]
@@ -144,6 +149,7 @@ class Attention(nn.Module):
         out = attention(q, k, v, mask=mask, fused=self.fused)  # (B, heads, N, d)
         out = out.transpose(1, 2).reshape(B, N, C)  # (B, N, C), heads concatenated
         return self.to_out(out)
+        # END ASSIGNMENT 5
 
 
 class FeedForward(nn.Module):
@@ -219,10 +225,12 @@ class ResBlock(nn.Module):
 
     def forward(self, x, emb):
         """x (B, C_in, H, W), emb (B, time_dim) -> (B, C_out, H, W)."""
+        # BEGIN ASSIGNMENT 6: the ResBlock of the class docstring
         h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
         h = h + self.time_proj(F.silu(emb))[:, :, None, None]  # (B, C_out, 1, 1): one shift per channel
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.skip(x) + h
+        # END ASSIGNMENT 6
 
 
 class Downsample(nn.Module):

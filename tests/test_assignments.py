@@ -1,0 +1,196 @@
+"""Meta-tests of the course assignments (tinyldm/assignments.py): markers, starter kit, grading.
+
+The claim to prove: for each assignment N, a copy of the project with only N's regions removed
+fails exactly N's tests and passes every other assignment's tests. Two runs prove it here:
+  1. the reference, traced: every assignment test passes, runs the code of its own assignment's
+     regions only, and every region runs in some test of its assignment;
+  2. the starter kit with every region removed: every assignment test fails, on its own
+     assignment's NotImplementedError.
+By 1, a test of M never reaches N's code, so removing N cannot change it; by 1 and 2, each test of
+N reaches only N's regions and fails without them. The literal check, one copy per assignment,
+is the slow test at the end (`python -m pytest -m slow tests/test_assignments.py`).
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections import defaultdict
+
+import pytest
+
+from tinyldm.__main__ import main as cli
+from tinyldm.assignments import (NUMBERS, ROOT, MarkerError, find_regions, grade, make, project_regions,
+                                 region_id, strip_regions)
+
+
+def by_test(result):
+    """{test id: (assignment, outcome, message)} from a grade() result."""
+    return {t["test"]: (a["number"], t["outcome"], t["message"]) for a in result["assignments"] for t in a["tests"]}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """grade() of the reference, with the region tracer on: (result, {test: [region ids]})."""
+    trace = tmp_path_factory.mktemp("trace") / "regions.json"
+    result = grade(ROOT, pytest_args=["--trace-regions", str(trace)])
+    record = json.loads(trace.read_text())
+    return result, {f"{node.split('::')[0][:-3].replace('/', '.')}::{node.split('::', 1)[1]}": hits
+                    for node, hits in record.items()}
+
+
+@pytest.fixture(scope="module")
+def starter(tmp_path_factory):
+    """The starter kit with every assignment removed, and grade() of it."""
+    out = tmp_path_factory.mktemp("kit") / "starter"
+    regions = make(out)
+    return out, regions, grade(out)
+
+
+def test_reference_markers_are_balanced_and_cover_every_assignment():
+    """Every assignment has regions; each names a function defined in its file; regions do not overlap."""
+    regions = project_regions()
+    assert {r.number for r in regions} == set(NUMBERS)
+    for r in regions:
+        source = (ROOT / r.path).read_text()
+        assert f"def {r.function.split('.')[-1]}(" in source, r
+        assert r.end > r.begin + 1
+    spans = sorted((r.path, r.begin, r.end) for r in regions)
+    assert all(a[0] != b[0] or a[2] < b[1] for a, b in zip(spans, spans[1:]))
+
+
+@pytest.mark.parametrize("text, error", [
+    ("# BEGIN ASSIGNMENT 1\nx = 1\n", "never closed"),
+    ("x = 1\n# END ASSIGNMENT 1\n", "does not close"),
+    ("# BEGIN ASSIGNMENT 1\n# BEGIN ASSIGNMENT 2\nx = 1\n# END ASSIGNMENT 2\n# END ASSIGNMENT 1\n", "inside"),
+    ("# BEGIN ASSIGNMENT 1\nx = 1\n# END ASSIGNMENT 2\n", "does not close"),
+    ("    # BEGIN ASSIGNMENT 1\n    x = 1\n# END ASSIGNMENT 1\n", "same indentation"),
+    ("# BEGIN ASSIGNMENT 1\n# END ASSIGNMENT 1\n", "empty"),
+    ("# BEGIN ASSIGNMENT 99\nx = 1\n# END ASSIGNMENT 99\n", "unknown assignment"),
+    ("# BEGIN ASSIGNMENT one\nx = 1\n", "malformed"),
+])
+def test_unbalanced_markers_are_errors(text, error):
+    """Markers must pair up: same number, same indentation, no nesting, nothing empty, known numbers."""
+    with pytest.raises(MarkerError, match=error):
+        find_regions(text)
+
+
+def test_strip_regions_replaces_only_the_chosen_assignments():
+    """The code between the markers becomes one raise naming the assignment and function; the markers,
+    the docstring and the other assignments' code stay; the result still compiles."""
+    source = textwrap.dedent('''
+        class Model:
+            def step(self, x):
+                """Docstring stays."""
+                y = x + 1
+                # BEGIN ASSIGNMENT 2: the step
+                y = y * 2
+                return y
+                # END ASSIGNMENT 2
+
+
+        def other(x):
+            # BEGIN ASSIGNMENT 3
+            return -x
+            # END ASSIGNMENT 3
+        ''')
+    (step, other) = find_regions(source)
+    assert (step.number, step.function, step.note) == (2, "Model.step", "the step")
+    assert (other.number, other.function) == (3, "other")
+    stripped = strip_regions(source, {2})
+    namespace = {}
+    exec(compile(stripped, "<stripped>", "exec"), namespace)
+    with pytest.raises(NotImplementedError, match="Assignment 2: write Model.step"):
+        namespace["Model"]().step(1)
+    assert namespace["other"](4) == -4
+    assert '"""Docstring stays."""' in stripped and "y = x + 1" in stripped and "y * 2" not in stripped
+    assert [r.number for r in find_regions(stripped)] == [2, 3]  # markers kept, still balanced
+
+
+def test_reference_passes_every_assignment(reference):
+    """The reference code passes all the tests of every assignment, and every assignment has tests."""
+    result, _ = reference
+    assert not result["collection_errors"]
+    for a in result["assignments"]:
+        assert a["total"] > 0 and a["passed"] == a["total"], a
+
+
+def test_each_assignments_tests_run_only_its_own_regions(reference):
+    """Traced: a test of assignment N runs code in N's regions only (so removing another assignment cannot
+    change it), it does reach one of N's regions, and every region runs in some test of its assignment."""
+    result, traced = reference
+    number_of = {region_id(r): r.number for r in project_regions()}
+    reached = defaultdict(set)
+    for test, (number, _, _) in by_test(result).items():
+        hits = traced[test]
+        assert {number_of[h] for h in hits} == {number}, (test, number, hits)
+        reached[number] |= set(hits)
+    for region, number in number_of.items():
+        assert region in reached[number], f"region {region} (assignment {number}) is run by none of its tests"
+
+
+def test_starter_fails_every_test_on_its_own_assignment(reference, starter):
+    """With every region removed, each assignment test fails with its own assignment's NotImplementedError,
+    and the grader finds the same tests as in the reference (nothing fails to import)."""
+    _, _, result = starter
+    assert not result["collection_errors"]
+    reference_tests, starter_tests = by_test(reference[0]), by_test(result)
+    assert set(starter_tests) == set(reference_tests)
+    for test, (number, outcome, message) in starter_tests.items():
+        assert outcome == "failed" and f"Assignment {number}:" in message, (test, outcome, message)
+
+
+def test_starter_kit_imports_cleanly_and_has_a_handout(starter):
+    """The starter kit imports (every module, and train_small), holds no history or run outputs, and its
+    handout lists each assignment with its functions, equations, notebook and grading command."""
+    out, regions, _ = starter
+    modules = "tinyldm.diffusion, tinyldm.unet, tinyldm.autoencoder, tinyldm.text_encoder, tinyldm.ldm, " \
+              "tinyldm.classifier, tinyldm.evaluate, tinyldm.bench, tinyldm.assignments, train_small"
+    done = subprocess.run([sys.executable, "-c", f"import {modules}"], cwd=out, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not (out / ".git").exists() and not (out / "runs").exists()
+    assert len(regions) == len(project_regions()) and all(r.number in NUMBERS for r in regions)
+    handout = (out / "HANDOUT.md").read_text()
+    for n in NUMBERS:
+        assert f"## Assignment {n}:" in handout and f"grade --only {n}`" in handout
+    for r in regions:
+        assert f"`{r.function}` (line {r.begin})" in handout
+        assert "NotImplementedError" in (out / r.path).read_text().splitlines()[r.begin]
+
+
+def test_make_only_some_assignments_leaves_the_rest(tmp_path):
+    """--only 3 5 removes the regions of 3 and 5; files without them are byte-identical to the reference."""
+    removed = make(tmp_path / "kit", only=[3, 5])
+    assert {r.number for r in removed} == {3, 5}
+    for path in ("tinyldm/diffusion.py", "tinyldm/unet.py", "tinyldm/autoencoder.py", "tinyldm/text_encoder.py"):
+        left = {r.number for r in find_regions((tmp_path / "kit" / path).read_text())}
+        text = (tmp_path / "kit" / path).read_text()
+        assert ("NotImplementedError(\"Assignment 3" in text) == (3 in left)
+        assert ("NotImplementedError(\"Assignment 5" in text) == (5 in left)
+        if not left & {3, 5}:
+            assert text == (ROOT / path).read_text()
+    assert "## Assignment 3:" in (tmp_path / "kit" / "HANDOUT.md").read_text()
+    assert "## Assignment 1:" not in (tmp_path / "kit" / "HANDOUT.md").read_text()
+
+
+def test_command_line_errors(tmp_path, capsys):
+    """Unknown assignments and a non-empty output folder are clear errors, not tracebacks."""
+    with pytest.raises(SystemExit, match="unknown assignment"):
+        cli(["assignments", "make", str(tmp_path / "kit"), "--only", "9"])
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.txt").write_text("x")
+    with pytest.raises(SystemExit, match="not empty"):
+        cli(["assignments", "make", str(tmp_path / "full")])
+    with pytest.raises(SystemExit, match="unknown assignment"):
+        cli(["assignments", "grade", "--only", "0"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", NUMBERS)
+def test_removing_one_assignment_fails_exactly_its_tests(n, reference, tmp_path):
+    """The literal claim, one copy per assignment: without N, N's tests all fail and every other test passes."""
+    make(tmp_path / "kit", only=[n])
+    result = by_test(grade(tmp_path / "kit"))
+    assert set(result) == set(by_test(reference[0]))
+    for test, (number, outcome, message) in result.items():
+        assert outcome == ("failed" if number == n else "passed"), (test, outcome, message)
