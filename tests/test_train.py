@@ -114,7 +114,8 @@ def test_ctrl_c_and_resume_end_where_an_uninterrupted_run_ends(reference_run, tm
 def test_torchrun_two_cpu_processes(tmp_path):
     """`torchrun --nproc_per_node=2` trains with DDP over gloo; only rank 0 writes."""
     proc = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_small.py",
-                       *TINY, "--ae-steps", "20", "--steps", "20", "--runs-dir", str(tmp_path), "--name", "ddp"])
+                       *TINY, "--ae-steps", "10", "--steps", "10", "--classifier-steps", "5", "--runs-dir", str(tmp_path),
+                       "--name", "ddp"])
     code, out = finish(proc)
     assert code == 0, out
     log = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
@@ -152,7 +153,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
 
     monkeypatch.setattr(tinyldm.ldm, "diffusion_loss", poisoned)
     with pytest.raises(SystemExit, match="loss is nan"):
-        train_small.main([*TINY, "--runs-dir", str(tmp_path), "--name", "nan"])
+        train_small.main([*TINY, "--ae-steps", "4", "--runs-dir", str(tmp_path), "--name", "nan"])
     state = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
     assert state["stage"] == 3 and state["step"] == 20
     assert all(torch.isfinite(v).all() for v in state["unet"].values())
