@@ -457,16 +457,15 @@ def print_table(figures):
         print(f"{name:<26} {value:>11}  {fig['unit']:<8} {fig['note']}")
 
 
-def run(args):
-    """Run every benchmark, print the table, write JSON to args.out and return the results dict."""
-    bc = BenchConfig(**{f.name: getattr(args, f.name) for f in fields(BenchConfig) if hasattr(args, f.name)})
+def setup(bc):
+    """Resolve `bc` (a BenchConfig) and build the state that every benchmark reads and fills in."""
     device, train_cfg, f = resolve(bc)
     torch.manual_seed(bc.seed)
     if device.type == "cuda":  # as train_small.py
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     dc = DiffusionConfig()
     cpu_generator = torch.Generator().manual_seed(bc.seed)  # weights and inputs: drawn on the CPU, then moved
-    s = SimpleNamespace(
+    return SimpleNamespace(
         bc=bc, device=device, train_cfg=train_cfg, unet_cfg=unet_config(train_cfg, 4), f=f,
         precision="bf16" if device.type == "cuda" else "fp32", cpu_generator=cpu_generator,
         generator=torch.Generator(device).manual_seed(bc.seed),  # t, ε, x_T in the loss and samplers
@@ -475,6 +474,13 @@ def run(args):
                             generator=cpu_generator).to(device),  # c (B, L, d)
         baseline=0,  # CUDA bytes allocated before the model being measured was built
         unet=None, x0=None, latent_step_s=None)  # the latent U-Net, its x0 and step time, set by section 1
+
+
+def run(args):
+    """Run every benchmark, print the table, write JSON to args.out and return the results dict."""
+    bc = BenchConfig(**{f.name: getattr(args, f.name) for f in fields(BenchConfig) if hasattr(args, f.name)})
+    s = setup(bc)
+    device, f = s.device, s.f
     started = time.perf_counter()
     figures = {**bench_latent_vs_pixel(s), **bench_sampling(s), **bench_attention(s),
                **bench_precision_compile_flops(s)}
