@@ -295,14 +295,18 @@ def test_ddim_eta1_one_step_equals_ddpm_step(schedule):
     assert not torch.allclose(ddim[1:], ddim_without_noise[1:])  # η = 1 does add noise for t > 0
 
 
+def clip_inputs(schedule):
+    """x_t large enough that x̂0 leaves [−1, 1], steps t (with t = 0 first), ε, z and the clamped x̂0."""
+    g = torch.Generator().manual_seed(17)
+    x_t, eps, z = (torch.randn(4, 2, 4, 4, generator=g) for _ in range(3))
+    t = torch.tensor([0, 5, 300, 999])
+    return 3 * x_t, t, eps, z, schedule.predict_x0(3 * x_t, t, eps).clamp(-1, 1)
+
+
 @pytest.mark.assignment(2)
 def test_ddpm_step_clip_x0_clamps_the_prediction(schedule):
     """clip_x0 clamps x̂0 to [−c, c] before the posterior: x_{t−1} = μ̃_t(x_t, clamp(x̂0)) + √β̃_t·z."""
-    g = torch.Generator().manual_seed(17)
-    x_t, eps, z = (torch.randn(4, 2, 4, 4, generator=g) for _ in range(3))
-    x_t = 3 * x_t
-    t = torch.tensor([0, 5, 300, 999])
-    clamped = schedule.predict_x0(x_t, t, eps).clamp(-1, 1)
+    x_t, t, eps, z, clamped = clip_inputs(schedule)
     ddpm = schedule.ddpm_step(x_t, t, eps, noise=z, clip_x0=1.0)
     assert torch.allclose(ddpm.double(), posterior_step(schedule, x_t, t, clamped, z), atol=1e-4)
     assert torch.allclose(ddpm[0], clamped[0], atol=1e-5)  # the last step returns clamp(x̂0)
@@ -312,11 +316,7 @@ def test_ddpm_step_clip_x0_clamps_the_prediction(schedule):
 @pytest.mark.assignment(3)
 def test_ddim_step_clip_x0_clamps_the_prediction(schedule):
     """clip_x0 clamps x̂0: the last step (ᾱ_prev = 1) returns clamp(x̂0), and η = 1 is still DDPM's step."""
-    g = torch.Generator().manual_seed(17)
-    x_t, eps, z = (torch.randn(4, 2, 4, 4, generator=g) for _ in range(3))
-    x_t = 3 * x_t
-    t = torch.tensor([0, 5, 300, 999])
-    clamped = schedule.predict_x0(x_t, t, eps).clamp(-1, 1)
+    x_t, t, eps, z, clamped = clip_inputs(schedule)
     assert torch.allclose(schedule.ddim_step(x_t, t, -1, eps, clip_x0=1.0), clamped, atol=1e-5)
     ddim = schedule.ddim_step(x_t, t, t - 1, eps, eta=1.0, noise=z, clip_x0=1.0)
     assert torch.allclose(ddim.double(), posterior_step(schedule, x_t, t, clamped, z), atol=1e-4)
