@@ -187,7 +187,7 @@ def strip_regions(text, numbers, path="<string>"):
 
 
 def region_id(region):
-    """"path:line" of the region's BEGIN marker."""
+    """The region's name in a trace: "path:line" of its BEGIN marker."""
     return f"{region.path}:{region.begin}"
 
 
