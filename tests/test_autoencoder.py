@@ -203,13 +203,19 @@ def test_adaptive_weight_closed_form():
     assert adaptive_weight(rec, 0.0 * g, w, max_weight=50.0).item() == pytest.approx(50.0)
 
 
-def test_adaptive_weight_on_model_matches_backward():
-    """λ from autograd.grad equals the ratio of gradient norms read from .grad after backward()."""
+def autoencoder_and_discriminator():
+    """A seeded tiny autoencoder and discriminator, two Shapes images x and their reconstructions x̂."""
     torch.manual_seed(0)
     model = Autoencoder(tiny_config())
     disc = PatchDiscriminator(3, 8, n_layers=2)
     x = draw_shapes(2)
     x_hat, _ = model(x, generator=torch.Generator().manual_seed(0))
+    return model, disc, x, x_hat
+
+
+def test_adaptive_weight_on_model_matches_backward():
+    """λ from autograd.grad equals the ratio of gradient norms read from .grad after backward()."""
+    model, disc, x, x_hat = autoencoder_and_discriminator()
     rec = reconstruction_loss(x, x_hat, "l1")
     g = generator_adv_loss(disc(x_hat))
     weight = adaptive_weight(rec, g, model.last_layer)
@@ -276,11 +282,7 @@ def test_adversarial_term_switches_on_and_reaches_decoder():
 
 def test_discriminator_loss_trains_only_the_discriminator():
     """discriminator_loss is the hinge loss on D(x), D(x̂) with x̂ detached: no gradient to the autoencoder."""
-    torch.manual_seed(0)
-    model = Autoencoder(tiny_config())
-    disc = PatchDiscriminator(3, 8, n_layers=2)
-    x = draw_shapes(2)
-    x_hat, _ = model(x, generator=torch.Generator().manual_seed(0))
+    model, disc, x, x_hat = autoencoder_and_discriminator()
     d_loss = discriminator_loss(disc, x, x_hat)
     torch.testing.assert_close(d_loss, hinge_d_loss(disc(x), disc(x_hat)))
     d_loss.backward()

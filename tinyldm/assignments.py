@@ -230,7 +230,7 @@ class RegionTracer:
 
     def stop(self, key):
         sys.settrace(None)
-        self.record[key] = sorted(self._hits | set(self.record.get(key, ())))
+        self.record[key] = sorted(self._hits)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -49,5 +49,5 @@ def find_run(train_if_missing=True):
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"training the tiny preset failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    print(done.stdout.strip().splitlines()[-1])
+    print(*done.stdout.strip().splitlines()[-1:])  # the script's last line: where the run went
     return RUNS / "tiny"
