@@ -9,7 +9,7 @@
 
 Stages, each one visible loop below:
   0  data       Shapes (or --data) as one uint8 tensor in memory; a tokenizer trained on its captions
-  1  autoencoder   L1 + KL (+ optional patch GAN), validation PSNR, the latent scale factor
+  1  autoencoder   L2 (or L1) + KL (+ optional patch GAN), validation PSNR, the latent scale factor
   2  latents    the training set encoded once: posterior mean and log-variance, captions as ids
   3  diffusion  text encoder + U-Net on the ε objective, caption dropout, EMA, AdamW, warm-up + cosine
   4  classifier a noise-aware latent classifier p(y | z_t) for classifier guidance (Shapes only)
@@ -70,8 +70,8 @@ class TrainConfig:
     max_length: int = 24            # tokens per prompt
     # stage 1: autoencoder
     ae_channels: int = 16           # base width of encoder/decoder
-    ae_mult: tuple = (1, 2, 2)      # width multipliers per level; f = 2^(len-1) (f=4 here)
-    ae_steps: int = 1000            # training steps
+    ae_mult: tuple = (1, 2)         # width multipliers per level; f = 2^(len-1): f=2, 16x16 latents at 32 px
+    ae_steps: int = 800             # training steps
     ae_batch_size: int = 32         # images per step (per process)
     ae_lr: float = 1e-3             # Adam learning rate
     recon_loss: str = "l2"          # reconstruction loss, l2 or l1 (see autoencoder.py)
@@ -81,15 +81,17 @@ class TrainConfig:
     # stage 3: text encoder + U-Net
     text_width: int = 128           # text encoder width = U-Net context_dim
     text_layers: int = 2            # text transformer blocks
-    unet_channels: int = 48         # U-Net base width
-    unet_mult: tuple = (1, 2)       # U-Net width multipliers per level
+    unet_channels: int = 32         # U-Net base width
+    unet_mult: tuple = (1, 2, 2)    # U-Net width multipliers per level
     unet_res_blocks: int = 1        # ResBlocks per level
-    unet_attention: tuple = (0, 1)  # levels with self- and cross-attention (the middle always has it)
+    unet_attention: tuple = (2,)    # levels with self- and cross-attention (the middle always has it)
     heads: int = 4                  # attention heads (text encoder and U-Net)
+    pooled_context: bool = True     # U-Net: the mean text vector joins the time embedding (see unet.py)
+    coord_channels: bool = False    # U-Net: x, y coordinate input channels (see unet.py)
     schedule: str = "scaled_linear"  # beta schedule
-    prediction: str = "eps"         # eps or v
+    prediction: str = "v"           # eps or v (v weights the high-noise steps, where layout is decided)
     p_uncond: float = 0.1           # caption dropout probability (for classifier-free guidance)
-    steps: int = 1200               # U-Net training steps
+    steps: int = 2600               # U-Net training steps
     batch_size: int = 64            # latents per step (per process)
     lr: float = 1e-3                # AdamW peak learning rate
     warmup: int = 100               # linear warm-up steps, then cosine decay to 0
@@ -103,17 +105,17 @@ class TrainConfig:
     # outputs
     log_every: int = 25             # steps between log.jsonl lines (and NaN checks)
     checkpoint_every: int = 200     # steps between checkpoints
-    sample_every: int = 600         # steps between sample grids during training (0 = only at the end)
+    sample_every: int = 1000        # steps between sample grids during training (0 = only at the end)
     sample_steps: int = 50          # DDIM steps for sample grids
     guidance_scale: float = 3.0     # CFG scale for sample grids
 
 
 PRESETS = {
-    "tiny": dict(num_train=512, num_val=64, vocab_size=200, ae_steps=80, text_width=64, text_layers=1,
-                 unet_channels=32, steps=80, batch_size=32, warmup=10, ema_decay=0.99, classifier_steps=40,
+    "tiny": dict(num_train=512, num_val=64, vocab_size=200, ae_steps=120, text_width=64, text_layers=1,
+                 unet_channels=32, steps=260, batch_size=32, warmup=10, ema_decay=0.99, classifier_steps=40,
                  log_every=10, checkpoint_every=50, sample_every=0, sample_steps=10),
     "cpu": dict(),  # the TrainConfig defaults are the CPU preset: 32x32, all stages in ~15 min on 2 cores
-    "small": dict(image_size=64, num_train=50000, num_val=2000, ae_channels=64, ae_steps=3000,
+    "small": dict(image_size=64, num_train=50000, num_val=2000, ae_channels=64, ae_mult=(1, 2, 2), ae_steps=3000,
                   ae_batch_size=128, text_width=256, text_layers=4, unet_channels=128, unet_res_blocks=2,
                   unet_mult=(1, 2, 2), unet_attention=(1, 2), heads=8, steps=10000, batch_size=256,
                   lr=3e-4, warmup=500, ema_decay=0.999, classifier_steps=2000, classifier_channels=64,
@@ -130,7 +132,7 @@ def parse_args(argv=None):
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
-            parser.add_argument(flag, action="store_true", default=None, help=comments.get(f.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=comments.get(f.name))
         else:
             kind = (lambda s: tuple(int(v) for v in s.split(","))) if f.type is tuple else f.type
             in_presets = "".join(f", {p}: {v[f.name]}" for p, v in PRESETS.items() if f.name in v)
@@ -209,7 +211,7 @@ def plot_losses(run_dir):
 
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, stage, title in ((axes[0], 1, "stage 1: autoencoder (L1 + KL)"), (axes[1], 3, "stage 3: ε-MSE")):
+    for ax, stage, title in ((axes[0], 1, "stage 1: autoencoder (reconstruction + KL)"), (axes[1], 3, "stage 3: diffusion loss (ε or v MSE)")):
         rows = [r for r in records if r["stage"] == stage]
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
         ax.set(title=title, xlabel="step", yscale="log")
@@ -340,7 +342,8 @@ def main(argv=None):
                           model_channels=cfg.unet_channels, channel_mult=cfg.unet_mult,
                           num_res_blocks=cfg.unet_res_blocks, attention_levels=cfg.unet_attention,
                           num_heads=cfg.heads, context_dim=cfg.text_width,
-                          num_groups=min(32, cfg.unet_channels // 4))
+                          num_groups=min(32, cfg.unet_channels // 4), pooled_context=cfg.pooled_context,
+                          coord_channels=cfg.coord_channels)
     diffusion_cfg = DiffusionConfig(schedule=cfg.schedule, prediction=cfg.prediction, p_uncond=cfg.p_uncond)
     model = LatentDiffusion(tokenizer, text_cfg, ae_cfg, unet_cfg, diffusion_cfg, cfg.image_size).to(device)
 

@@ -1,16 +1,18 @@
 """Attribute detector, caption fidelity, diversity and reconstruction metrics (tinyldm/evaluate.py)."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from test_ldm import tiny_model
 
 from tinyldm.data import (BACKGROUND, COLOUR_NAMES, POSITIONS, RELATIONS, SHAPES, SIZE_RADIUS, SIZES,
-                          Scenes, ShapesConfig, ShapesDataset, render, to_float)
-from tinyldm.evaluate import (ATTRIBUTES, detect, detect_one, detector_accuracy, diversity,
-                              evaluate_model, fidelity, prompt_set, psnr, reconstruction_report,
-                              score, targets_from_attributes)
+                          Scenes, ShapesConfig, ShapesDataset, describe, render, to_float)
+from tinyldm.evaluate import (ATTRIBUTES, _summarise, detect, detect_one, detector_accuracy, diversity,
+                              evaluate_model, fidelity, position_follows_prompt, prompt_set, psnr,
+                              reconstruction_report, score, targets_from_attributes, wilson_interval)
 
 
 def _scenes(objects):
@@ -218,6 +220,96 @@ def test_evaluate_model_batches_and_splits_by_kind():
     assert report["diversity"]["position"]["distinct"] == pytest.approx(1 / 3)  # the same image thrice
     blank = evaluate_model(_RenderingModel(lookup, blank=True), pairs, images_per_prompt=1, batch_size=4)
     assert blank["fidelity"]["all"]["all_correct"] == 0.0
+
+
+def test_wilson_interval():
+    """Wilson 1927 score interval: 5/10 -> (0.2366, 0.7634) and 1/3 -> (0.0615, 0.7923) by hand;
+    0/n starts at 0 and n/n ends at 1 with a width; it holds p̂ and narrows as n grows at fixed p̂."""
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(1, 3) == pytest.approx((0.0615, 0.7923), abs=1e-4)
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = wilson_interval(10, 10)
+    assert hi == 1.0 and lo == pytest.approx(0.7225, abs=1e-4)
+    widths = []
+    for n in (10, 40, 160, 640):
+        lo, hi = wilson_interval(n // 5, n)
+        assert lo < 0.2 < hi
+        widths.append(hi - lo)
+    assert widths == sorted(widths, reverse=True) and widths[-1] < 0.07
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
+
+
+def test_summaries_carry_intervals_and_counts():
+    """Each share K comes with K_ci (its Wilson interval) and K_n (the images where K was checked),
+    through _summarise and fidelity; the shares themselves are unchanged."""
+    scores = [{"shape": True, "all_correct": True, "count": True},
+              {"shape": False, "relation": True, "all_correct": False, "count": True},
+              {"shape": True, "relation": False, "all_correct": False, "count": False}]
+    summary = _summarise(scores)
+    assert summary["n"] == 3 and summary["shape"] == pytest.approx(2 / 3) and summary["shape_n"] == 3
+    assert summary["relation"] == 0.5 and summary["relation_n"] == 2
+    assert summary["relation_ci"] == list(wilson_interval(1, 2))
+    assert "colour" not in summary and "colour_ci" not in summary
+    images = render(_scenes([[("circle", "red", "large", "left")]] * 2), 32)
+    targets = [{"kind": "single", "objects": [{"shape": "circle", "colour": c}], "relation": None}
+               for c in ("red", "blue")]
+    f = fidelity(images, targets)
+    assert f["colour"] == 0.5 and f["colour_ci"] == list(wilson_interval(1, 2)) and f["colour_n"] == 2
+    assert f["shape_ci"] == list(wilson_interval(2, 2)) and f["all_correct_n"] == 2
+
+
+class _SameNoiseModel:
+    """A stand-in for LatentDiffusion in the same-noise test: generate() draws each prompt's large
+    object at the prompted position, or (follow_noise) at the cell argmax(x_T) mod 9 of its x_T."""
+    image_size = 32
+    autoencoder_cfg, unet_cfg = SimpleNamespace(downsample_factor=4), SimpleNamespace(in_channels=4)
+    OBJECTS = {describe(s, c, "large", p): (s, c, "large", p)
+               for c in COLOUR_NAMES for s in SHAPES for p in POSITIONS}
+
+    def __init__(self, follow_noise):
+        self.follow_noise = follow_noise
+
+    def generate(self, prompts, steps, guidance_scale, sampler="ddim", eta=0.0, generator=None, x_T=None):
+        assert x_T.shape == (len(prompts), 4, 8, 8)                   # (B, z, h, w)
+        objects = []
+        for prompt, noise in zip(prompts, x_T):
+            shape, colour, size, position = self.OBJECTS[prompt]
+            objects.append([(shape, colour, size, POSITIONS[int(noise.argmax()) % 9] if self.follow_noise
+                             else position)])
+        return to_float(render(_scenes(objects), 32))
+
+
+def test_same_noise_test_tells_prompt_from_noise():
+    """Same x_T, 9 prompted positions: a model that follows the prompt hits every cell (hit 1, moved
+    8/9, follows_noise 1/9); one that places the object by x_T stays put (follows_noise 1, moved 0)
+    and hits exactly one prompt per noise (hit = chance = 1/9). Batches that split a noise's 9
+    images (batch_size 7) keep each prompt with its own noise."""
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    prompt, noise = (position_follows_prompt(_SameNoiseModel(follow_noise), noises=4, steps=3, generator=gen(),
+                                             batch_size=7) for follow_noise in (False, True))
+    assert prompt["n"] == noise["n"] == 36
+    assert prompt["hit"] == 1.0 and prompt["moved"] == pytest.approx(8 / 9)
+    assert prompt["follows_noise"] == pytest.approx(1 / 9)
+    assert noise["follows_noise"] == 1.0 and noise["moved"] == 0.0
+    assert noise["hit"] == pytest.approx(1 / 9) and noise["chance"] == pytest.approx(1 / 9)
+    assert noise["hit_ci"] == list(wilson_interval(4, 36)) and prompt["hit_ci"] == list(wilson_interval(36, 36))
+
+
+def test_generate_starts_from_the_given_x_T():
+    """DDIM η = 0 is deterministic given x_T: one x_T gives identical images under two different
+    generators, while without x_T the two generators draw different noise and different images."""
+    model = tiny_model()
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # make the zero-initialised layers matter
+    x_T = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(5))           # (B, z, h, w)
+    run = lambda seed, **kw: model.generate(["a red circle", "a blue square"], steps=3, eta=0.0,  # noqa: E731
+                                            generator=torch.Generator().manual_seed(seed), **kw)
+    assert torch.equal(run(0, x_T=x_T), run(1, x_T=x_T))
+    assert not torch.allclose(run(0), run(1))
 
 
 class _Blur(torch.nn.Module):

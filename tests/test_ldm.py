@@ -13,7 +13,7 @@ from tinyldm.unet import UNetConfig
 CAPTIONS = ["a red circle", "a blue square", "a big green triangle at the top left"]
 
 
-def tiny_model(p_uncond=0.0, seed=0):
+def tiny_model(p_uncond=0.0, seed=0, prediction="eps"):
     torch.manual_seed(seed)
     tokenizer = train_tokenizer(CAPTIONS, vocab_size=50)
     return LatentDiffusion(
@@ -22,7 +22,8 @@ def tiny_model(p_uncond=0.0, seed=0):
         AutoencoderConfig(base_channels=8, channel_mult=(1, 2, 2), num_groups=4, mid_attention=False),
         UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
                    num_heads=2, context_dim=32, num_groups=4),
-        DiffusionConfig(T=100, beta_start=0.0085, beta_end=0.12, p_uncond=p_uncond), image_size=16, scale_factor=0.7)
+        DiffusionConfig(T=100, beta_start=0.0085, beta_end=0.12, p_uncond=p_uncond, prediction=prediction),
+        image_size=16, scale_factor=0.7)
 
 
 def test_shapes_through_the_pipeline():
@@ -35,6 +36,24 @@ def test_shapes_through_the_pipeline():
     context, mask = model.encode_text(["a red circle", ""])
     assert context.shape == (2, 12, 32) and mask.sum(1).tolist() == [4, 1]
     assert model.loss(x, ["a red circle", "a blue square"]).shape == ()
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_eps_model_is_eps_whatever_the_unet_predicts(prediction):
+    """eps_model gives ε̂ for either parametrisation: the U-Net's output itself, or, for a v-model,
+    ε̂ = √(1−ᾱ_t)·z_t + √ᾱ_t·v̂ (v-pred); the loss trains unet_output on the matching target."""
+    model = tiny_model(prediction=prediction)
+    for p in model.unet.parameters():  # the zero-initialised output layer would hide the difference
+        p.data.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    z_t, t = torch.randn(2, 4, 4, 4), torch.tensor([10, 90])
+    cond = model.encode_text(["a red circle", ""])
+    with torch.no_grad():
+        out, eps = model.unet_output(z_t, t, cond), model.eps_model(z_t, t, cond)
+    a_bar = model.schedule.alpha_bars[t].float().view(2, 1, 1, 1)
+    want = out if prediction == "eps" else (1 - a_bar).sqrt() * z_t + a_bar.sqrt() * out
+    torch.testing.assert_close(eps, want, atol=1e-5, rtol=1e-5)
+    if prediction == "v":
+        assert (eps - out).abs().max() > 1e-3
 
 
 def test_scale_factor_multiplies_latents():

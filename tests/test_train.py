@@ -182,9 +182,16 @@ def test_evaluate_command_line(reference_run, tmp_path):
     out = tmp_path / "eval.json"
     cli(["evaluate", "--run", str(reference_run), "--out", str(out), "--prompts-per-kind", "2",
          "--images-per-prompt", "1", "--guidance", "1,3", "--steps", "3", "--samplers", "ddim2,ddim4",
-         "--sweep-prompts", "2", "--reconstruction-images", "16", "--classifier-scales", "0,2"])
+         "--sweep-prompts", "2", "--reconstruction-images", "16", "--classifier-scales", "0,2",
+         "--final-images", "3", "--same-noise", "1"])
     report = json.loads(out.read_text())
     assert [r["guidance_scale"] for r in report["guidance_sweep"]] == [1.0, 3.0]
+    best = report["best_guidance_scale"]
+    assert report["final"]["guidance_scale"] == best and report["final"]["images_per_prompt"] == 1
+    for kind in ("single", "two", "held_out"):  # fresh prompts, one image each, every share with its interval
+        final = report["final"]["fidelity"][kind]
+        assert final["n"] == 3 and final["all_correct_ci"][0] <= final["all_correct"] <= final["all_correct_ci"][1]
+    assert report["same_noise_position"]["n"] == 9 and report["same_noise_position"]["guidance_scale"] == best
     assert [r["steps"] for r in report["sampler_sweep"]] == [2, 4]
     for kind in ("single", "two", "held_out"):
         assert 0 <= report["guidance_sweep"][0]["fidelity"][kind]["all_correct"] <= 1

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinyldm.unet import (Attention, FeedForward, ResBlock, UNet, UNetConfig, attention, attention_weights,
-                          timestep_embedding)
+from tinyldm.unet import (Attention, FeedForward, ResBlock, SpatialTransformer, UNet, UNetConfig, attention,
+                          attention_weights, timestep_embedding)
 
 
 def tiny_config(**overrides):
@@ -136,6 +136,57 @@ def test_masked_tokens_are_ignored(model, fused):
     assert (out_changed[0] - ref[0]).abs().max() > 1e-4
     torch.testing.assert_close(out_changed[1], ref[1], atol=1e-6, rtol=0)
     assert (out_unmasked[0] - ref[0]).abs().max() > 1e-4
+
+
+def test_pooled_context_is_the_masked_mean():
+    """pooled_context: emb = MLP(timestep_embedding(t)) + W·mean(c over unmasked tokens) reaches every
+    ResBlock; padding tokens leave ε̂ unchanged; with every SpatialTransformer switched off (output
+    projection zeroed) the caption still changes ε̂, through emb alone."""
+    torch.manual_seed(0)
+    model = randomise_weights(UNet(tiny_config(pooled_context=True))).eval()
+    x, t, context = make_inputs(model.cfg, L=5)
+    mask = torch.tensor([[True, True, True, False, False], [True] * 5])
+    padded = context.clone()
+    padded[0, 3:] = 10 * torch.randn(2, model.cfg.context_dim, generator=torch.Generator().manual_seed(3))
+    keep = mask.float()[..., None]                                                   # (B, L, 1)
+    pooled = (context * keep).sum(1) / keep.sum(1)                                   # (B, d)
+    emb = model.time_embed(timestep_embedding(t, model.cfg.model_channels)) + F.linear(
+        pooled, model.context_embed.weight, model.context_embed.bias)                # (B, 4·mc)
+    seen = []
+    hook = model.down_blocks[0][0].time_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        ref = model(x, t, context, mask)
+        torch.testing.assert_close(model(x, t, padded, mask), ref, atol=1e-6, rtol=0)
+    hook.remove()
+    torch.testing.assert_close(seen[0], F.silu(emb))  # what the first ResBlock's time projection sees
+    for block in model.modules():  # no attention output at all: the caption reaches ε̂ through emb only
+        if isinstance(block, SpatialTransformer):
+            torch.nn.init.zeros_(block.proj_out.weight), torch.nn.init.zeros_(block.proj_out.bias)
+    with torch.no_grad():
+        other = torch.randn(context.shape, generator=torch.Generator().manual_seed(4))
+        assert (model(x, t, other, mask) - model(x, t, context, mask)).abs().max() > 1e-4
+
+
+def test_coord_channels_are_the_pixel_grid():
+    """coord_channels: conv_in sees [x_t, X, Y] with X, Y = linspace(−1, 1) along W and H (CoordConv):
+    conv_in is that convolution, and with the two coordinate filters zeroed the U-Net equals one
+    without coordinates (same weights otherwise)."""
+    torch.manual_seed(0)
+    with_coords = randomise_weights(UNet(tiny_config(coord_channels=True))).eval()
+    plain = UNet(tiny_config()).eval()
+    state = with_coords.state_dict()
+    assert state["conv_in.weight"].shape[1] == plain.cfg.in_channels + 2
+    x, t, context = make_inputs(plain.cfg)
+    with torch.no_grad():
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, 16), torch.linspace(-1, 1, 16), indexing="ij")
+        inputs = torch.cat([x, torch.stack([xs, ys]).expand(2, 2, 16, 16)], 1)     # (B, C + 2, H, W)
+        first = F.conv2d(inputs, state["conv_in.weight"], state["conv_in.bias"], padding=1)
+        torch.testing.assert_close(with_coords.conv_in(inputs), first)
+        state["conv_in.weight"][:, plain.cfg.in_channels:] = 0  # the coordinate filters off
+        plain.load_state_dict({k: (v[:, :plain.cfg.in_channels] if k == "conv_in.weight" else v)
+                               for k, v in state.items()})
+        with_coords.load_state_dict(state)
+        torch.testing.assert_close(with_coords(x, t, context), plain(x, t, context), atol=1e-6, rtol=0)
 
 
 @pytest.mark.assignment(6)

@@ -102,14 +102,15 @@ def _autocast(device):
 
 
 def evaluate(args):
-    """Caption fidelity over guidance scales and samplers, reconstruction quality; eval.json + eval.png."""
+    """Caption fidelity over guidance scales and samplers, the same-noise position test, reconstruction
+    quality; eval.json + eval.png. Every share is printed and saved with its 95 % Wilson interval."""
     import json
     from pathlib import Path
 
     import torch
 
     from tinyldm.data import ShapesConfig, ShapesDataset
-    from tinyldm.evaluate import evaluate_model, prompt_set, reconstruction_report
+    from tinyldm.evaluate import evaluate_model, position_follows_prompt, prompt_set, reconstruction_report
 
     model, device = _load_run(args)
     out = Path(args.out or Path(args.run) / "eval.json")
@@ -132,7 +133,7 @@ def evaluate(args):
                                     sampler=sampler, generator=generator, batch_size=args.batch_size)
         f = result["fidelity"]
         print(f"{sampler}-{steps:<5} guidance {guidance:<4g} all-correct: "
-              + "  ".join(f"{k} {f[k]['all_correct']:.3f}" for k in ("single", "two", "held_out") if k in f))
+              + "  ".join(f"{k} {_share(f[k])}" for k in ("single", "two", "held_out") if k in f))
         return result
 
     def run_methods(method, guidance, gamma, use_prompts, pairs):
@@ -143,14 +144,34 @@ def evaluate(args):
                                     use_prompts=use_prompts)
         result["method"] = method
         f, entropy = result["fidelity"]["single"], result["diversity"]["position"]["entropy"]
-        print(f"{method:<26} s {guidance:<4g} γ {gamma:<5g} all-correct {f['all_correct']:.3f}  position entropy "
+        print(f"{method:<26} s {guidance:<4g} γ {gamma:<5g} all-correct {_share(f)}  position entropy "
               + (f"{entropy:.2f}" if entropy is not None else "n/a"))
         return result
 
-    print(f"{'sampler':<11}{'':14}(share of images with every mentioned attribute right)")
+    print(f"{'sampler':<11}{'':14}(share of images with every mentioned attribute right [95 % Wilson interval])")
     report["guidance_sweep"] = [run(g, "ddim", args.steps, everything, args.images_per_prompt) for g in args.guidance]
     best = max(report["guidance_sweep"], key=lambda r: r["fidelity"]["single"]["all_correct"])
     report["best_guidance_scale"] = best["guidance_scale"]
+    # the headline: fresh prompts (another seed, so the scale was not picked on them), one image each,
+    # so that the images are independent draws and the Wilson intervals hold
+    if args.final_images:
+        final = [pt for kind in ("single", "two", "held_out")
+                 for pt in prompt_set(kind, args.final_images, seed=args.seed + 1)]
+        report["final"] = run(best["guidance_scale"], "ddim", args.steps, final, 1)
+        for kind in ("single", "two", "held_out"):
+            f = report["final"]["fidelity"][kind]
+            print(f"  {kind:<9} n {f['n']}: all-correct {_share(f)}  "
+                  + "  ".join(f"{a} {_share(f, a)}" for a in ("colour", "shape", "size", "position", "relation") if a in f))
+    report["same_noise_position"] = None
+    if args.same_noise:  # does the prompt move the object when the starting noise is held fixed?
+        generator = torch.Generator(device).manual_seed(args.seed)
+        with _autocast(device):
+            sn = position_follows_prompt(model, args.same_noise, steps=args.steps, guidance_scale=best["guidance_scale"],
+                                         generator=generator, batch_size=args.batch_size)
+        report["same_noise_position"] = sn
+        print(f"same noise, 9 positions each ({sn['n']} images, s {sn['guidance_scale']:g}): object in the prompted "
+              f"cell {_share(sn, 'hit')} (chance {sn['chance']:.3f}), in the noise's usual cell "
+              f"{_share(sn, 'follows_noise')}, moved by the prompt {_share(sn, 'moved')}")
     report["sampler_sweep"] = []
     if args.samplers:  # at the best guidance scale, on single-object prompts (fewer: DDPM takes T steps)
         subset = prompts["single"][: args.sweep_prompts]
@@ -172,6 +193,12 @@ def evaluate(args):
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
+def _share(summary, key="all_correct"):
+    """'0.912 [0.893, 0.928]': a share from a summary and its 95 % Wilson interval (key + "_ci")."""
+    lo, hi = summary[key + "_ci"]
+    return f"{summary[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
 def _plot_eval(report, path):
     import matplotlib
 
@@ -182,11 +209,21 @@ def _plot_eval(report, path):
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), squeeze=False)
     axes = list(axes.flat)
     sweep = report["guidance_sweep"]
-    for kind in ("single", "two", "held_out"):
-        axes[0].plot([r["guidance_scale"] for r in sweep], [r["fidelity"][kind]["all_correct"] for r in sweep],
-                     "o-", label=kind)
+    for dodge, kind in zip((-0.04, 0.0, 0.04), ("single", "two", "held_out")):  # dodge: bars side by side
+        y = [r["fidelity"][kind]["all_correct"] for r in sweep]
+        lo, hi = zip(*(r["fidelity"][kind]["all_correct_ci"] for r in sweep))
+        yerr = [[v - a for v, a in zip(y, lo)], [b - v for v, b in zip(y, hi)]]  # below, above
+        axes[0].errorbar([r["guidance_scale"] + dodge for r in sweep], y, yerr=yerr, fmt="o-", capsize=3, label=kind)
+    if report.get("final"):  # the headline figures: fresh prompts at the best scale, drawn as squares
+        final = report["final"]
+        for dodge, kind in zip((-0.04, 0.0, 0.04), ("single", "two", "held_out")):
+            f = final["fidelity"][kind]
+            lo, hi = f["all_correct_ci"]
+            axes[0].errorbar([final["guidance_scale"] + dodge], [f["all_correct"]], capsize=3, fmt="ks", ms=4,
+                             yerr=[[f["all_correct"] - lo], [hi - f["all_correct"]]],
+                             label=f"final, n={f['n']} per kind" if kind == "single" else None)
     axes[0].set(xlabel="guidance scale s", ylabel="all mentioned attributes right", ylim=(0, 1.02),
-                title="fidelity vs classifier-free guidance (DDIM)")
+                title="fidelity vs classifier-free guidance (DDIM)\nbars: 95 % Wilson intervals")
     axes[0].legend()
     if report["sampler_sweep"]:
         ddim = [r for r in report["sampler_sweep"] if r["sampler"] == "ddim"]
@@ -261,6 +298,12 @@ def main(argv=None):
     p.add_argument("--classifier-scales", type=lambda s: [float(v) for v in s.split(",") if v], default=[0.0, 1.0, 3.0, 10.0],
                    help="classifier-guidance scales γ to compare: unconditional + classifier, and CFG + classifier "
                         "('' to skip; needs a run with a classifier)")
+    p.add_argument("--final-images", type=int, default=1100, metavar="N",
+                   help="the headline figures: N fresh prompts of each kind, one image each, at the best guidance "
+                        "scale (1100 keeps every 95 %% interval within ±3 points; 0 = skip)")
+    p.add_argument("--same-noise", type=int, default=12, metavar="N",
+                   help="same-noise position test at the best guidance scale: N starting noises x 9 prompted "
+                        "positions (0 = skip)")
     p.add_argument("--reconstruction-images", type=int, default=500, help="validation images for PSNR")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)

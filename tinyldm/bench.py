@@ -1,6 +1,7 @@
 """Speed and memory benchmarks: `python -m tinyldm bench`, every figure side by side in one process.
 
-  1  latent vs pixel  the same U-Net trained on f = 4 latents (4, H/4, W/4) and on pixels (3, H, W)
+  1  latent vs pixel  the same U-Net trained on the preset's latents (4, H/f, W/f) and on pixels (3, H, W)
+                     (f = 2 for the cpu preset, f = 4 for small; --preset small measures f = 4 on a CPU too)
   2  samplers         DDIM-50 vs DDPM-1000 with classifier-free guidance (two U-Net calls per step)
   3  attention        written-out softmax(QKᵀ/√d)V vs F.scaled_dot_product_attention, same weights
   4  precision, compile, FLOPs   bf16 vs fp32, torch.compile vs eager (CUDA); TFLOP/s and MFU
@@ -97,7 +98,8 @@ def unet_config(train_cfg, channels):
     return UNetConfig(in_channels=channels, out_channels=channels, model_channels=train_cfg.unet_channels,
                       channel_mult=train_cfg.unet_mult, num_res_blocks=train_cfg.unet_res_blocks,
                       attention_levels=train_cfg.unet_attention, num_heads=train_cfg.heads,
-                      context_dim=train_cfg.text_width, num_groups=min(32, train_cfg.unet_channels // 4))
+                      context_dim=train_cfg.text_width, num_groups=min(32, train_cfg.unet_channels // 4),
+                      pooled_context=train_cfg.pooled_context, coord_channels=train_cfg.coord_channels)
 
 
 def build_unet(cfg, device, generator):
@@ -174,7 +176,7 @@ def count_flops(unet, loss_fn):
 # The benchmarks; each returns {name: figure}
 
 def bench_latent_vs_pixel(s):
-    """1. Same U-Net config, same batch: f = 4 latents (4, H/f, W/f) vs pixels (3, H, W).
+    """1. Same U-Net config, same batch: the preset's latents (4, H/f, W/f) vs pixels (3, H, W).
 
     If the pixel step does not fit in GPU memory, both are measured again at half the batch."""
     requested = s.bc.batch_size

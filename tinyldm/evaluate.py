@@ -327,18 +327,40 @@ def score(detections, targets):
     return results
 
 
+def wilson_interval(k, n, z=1.96):
+    """The Wilson score interval (lo, hi) for a share k / n; z = 1.96 gives 95 % (Wilson 1927).
+
+    Unlike p̂ ± z·√(p̂(1−p̂)/n) it stays inside [0, 1] and keeps a width at 0/n and n/n (0 of 10
+    right: (0, 0.278), not (0, 0)). It assumes n independent trials. n = 0 gives (0.0, 1.0): no
+    images, every share possible.
+    """
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    # Wilson 1927: (p̂ + z²/2n ± z·√(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n)
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    lo, hi = (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+    return min(max(lo, 0.0), p), max(min(hi, 1.0), p)  # clamped against rounding: lo <= p̂ <= hi
+
+
 def _summarise(scores):
-    """Mean of each key over the images where it was checked, and the number of images."""
+    """Per key, over the images where it was checked: the share right (key), its 95 % Wilson
+    interval (key + "_ci", [lo, hi]) and the number of those images (key + "_n"); "n": all images."""
     summary = {"n": len(scores)}
     for key in ATTRIBUTES + ("relation", "all_correct", "count"):
         values = [s[key] for s in scores if key in s]
-        summary.update({key: sum(values) / len(values)} if values else {})
+        if values:
+            k, n = sum(values), len(values)
+            summary.update({key: k / n, key + "_ci": list(wilson_interval(k, n)), key + "_n": n})
     return summary
 
 
 def fidelity(images, targets):
     """Caption fidelity of images against targets: {"n", "all_correct" (share of images with every
-    mentioned attribute right), one accuracy per mentioned attribute, "relation", "count"}."""
+    mentioned attribute right), one accuracy per mentioned attribute, "relation", "count"}, each
+    share K with its 95 % Wilson interval K_ci and the number of images K_n it was checked on."""
     if len(images) != len(targets):
         raise ValueError(f"expected one target per image, got {len(images)} images, "
                          f"{len(targets)} targets")
@@ -412,6 +434,64 @@ def evaluate_model(model, prompts_and_targets, images_per_prompt=4, steps=50, gu
     return {"fidelity": summary, "diversity": diversity(detections, targets),
             "images_per_prompt": images_per_prompt, "steps": steps, "guidance_scale": guidance_scale,
             "sampler": sampler, "classifier_scale": classifier_scale, "use_prompts": use_prompts}
+
+
+# ----------------------------------------------------------------------------------------------
+# The same-noise test: does the prompt place the object, or the starting noise?
+
+def position_follows_prompt(model, noises=12, steps=50, guidance_scale=3.0, generator=None, batch_size=64):
+    """Hold the starting noise x_T fixed, change only the prompted position, and see where the object goes.
+
+    For each of `noises` starting noises x_T ~ N(0, I) (1, z, h, w), one large object (its (colour,
+    shape) cycling through the pairs that are not held out) is asked for at each of the 9 POSITIONS,
+    all 9 images from that one x_T with DDIM, η = 0 (so an image depends on x_T and the prompt only).
+    The largest detected object's cell is compared with
+      the prompted cell:  "hit", the share of images with the object where the prompt asked;
+      the noise's cell:   the most common cell among that noise's 9 images (ties: the first prompt's);
+                          "follows_noise", the share of images with the object in it, and
+                          "moved", the share with the object elsewhere: the prompt moved it.
+    follows_noise + moved + the share with no object = 1; "chance" = 1/9 is the hit rate of a model
+    that ignores the prompt. A model that reads position from the noise: follows_noise ≈ 1, moved ≈ 0,
+    hit ≈ 1/9. A model that follows the prompt: hit ≈ 1, moved ≈ 8/9, follows_noise ≈ 1/9.
+    Each share K has its 95 % Wilson interval K_ci over "n" images; the 9 images of one noise are
+    not independent, so read the intervals as the least uncertainty there is.
+
+    model: image_size, autoencoder_cfg.downsample_factor, unet_cfg.in_channels and
+    generate(prompts, steps=, guidance_scale=, sampler=, eta=, generator=, x_T=) -> images in [-1, 1].
+    The noise is drawn from `generator`, on its device (CPU without one).
+    """
+    if noises < 1 or batch_size < 1:
+        raise ValueError(f"noises and batch_size must be >= 1, got {noises} and {batch_size}")
+    held_out = {tuple(pair) for pair in ShapesConfig().held_out}
+    pairs = [(c, s) for c in COLOUR_NAMES for s in SHAPES if (c, s) not in held_out]
+    prompts = [describe(shape, colour, "large", position)
+               for colour, shape in (pairs[i % len(pairs)] for i in range(noises)) for position in POSITIONS]
+    h = model.image_size // model.autoencoder_cfg.downsample_factor
+    x_T = torch.randn((noises, model.unet_cfg.in_channels, h, h), generator=generator,
+                      device=generator.device if generator is not None else "cpu")   # (noises, z, h, w)
+    x_T = x_T.repeat_interleave(len(POSITIONS), 0)                   # (noises·9, z, h, w), 9 per noise
+    detections = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            batch = slice(start, start + batch_size)
+            images = model.generate(prompts[batch], steps=steps, guidance_scale=guidance_scale, sampler="ddim",
+                                    eta=0.0, generator=generator, x_T=x_T[batch])
+            detections += detect(images)
+    cells = [d[0]["position"] if d else None for d in detections]    # largest object's cell, or None
+    hit = follows = moved = 0
+    for i in range(0, len(cells), len(POSITIONS)):
+        seen = cells[i:i + len(POSITIONS)]                             # one noise, prompts in POSITIONS order
+        found = [c for c in seen if c is not None]
+        modal = max(found, key=found.count) if found else None        # max keeps the first of a tie
+        hit += sum(c == p for c, p in zip(seen, POSITIONS))
+        follows += sum(c is not None and c == modal for c in seen)
+        moved += sum(c is not None and c != modal for c in seen)
+    n = len(cells)
+    report = {"n": n, "noises": noises, "chance": 1 / len(POSITIONS), "steps": steps,
+              "guidance_scale": guidance_scale}
+    for key, k in (("hit", hit), ("follows_noise", follows), ("moved", moved)):
+        report.update({key: k / n, key + "_ci": list(wilson_interval(k, n))})
+    return report
 
 
 # ----------------------------------------------------------------------------------------------

@@ -98,10 +98,16 @@ class LatentDiffusion(nn.Module):
         ids, mask = self.tokenize(prompts)
         return self.text_encoder(ids, mask), mask
 
-    def eps_model(self, z_t, t, cond):
-        """ε_θ(z_t, t, c): the U-Net; `cond` is (context, mask) as returned by encode_text."""
+    def unet_output(self, z_t, t, cond):
+        """The U-Net's raw output: ε̂, or v̂ when diffusion_cfg.prediction == "v"; `cond` is (context, mask)
+        as returned by encode_text. The training loss and the samplers take this, with the prediction."""
         context, mask = cond
         return self.unet(z_t, t, context, mask)
+
+    def eps_model(self, z_t, t, cond):
+        """ε_θ(z_t, t, c), whatever the U-Net predicts: a v̂ is turned into ε̂ = √(1−ᾱ_t)·z_t + √ᾱ_t·v̂."""
+        out = self.unet_output(z_t, t, cond)
+        return self.schedule.eps_from_v(z_t, t, out) if self.diffusion_cfg.prediction == "v" else out  # v-pred
 
     # -- training ------------------------------------------------------------------------------
 
@@ -121,7 +127,7 @@ class LatentDiffusion(nn.Module):
         LDM Eq. 2 / DDPM Eq. 14, E ‖ε − ε_θ(z_t, t, τ_θ(y))‖², with caption dropout."""
         ids, mask = self.drop_captions(ids, mask, generator)
         context = self.text_encoder(ids, mask)                             # (B, L, d)
-        return diffusion_loss(self.eps_model, self.schedule, z0, (context, mask),
+        return diffusion_loss(self.unet_output, self.schedule, z0, (context, mask),
                               prediction=self.diffusion_cfg.prediction, generator=generator)
 
     def loss(self, images, captions, generator=None):
@@ -133,7 +139,7 @@ class LatentDiffusion(nn.Module):
     # -- sampling ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, prompts, steps=50, guidance_scale=3.0, sampler="ddim", eta=0.0, generator=None,
+    def generate(self, prompts, steps=50, guidance_scale=3.0, sampler="ddim", eta=0.0, generator=None, x_T=None,
                  classifier_target=None, classifier_scale=0.0, progress=False, callback=None, return_latents=False):
         """Prompts -> images (B, 3, H, W) in [-1, 1].
 
@@ -142,6 +148,8 @@ class LatentDiffusion(nn.Module):
         classifier_target (B, 4) or (1, 4) LongTensor (classifier.classifier_targets) with
         classifier_scale γ: classifier guidance by the model's latent classifier, ε̂ = ε̃ − γ·√(1−ᾱ_t)·∇ log p(y|z_t).
         generator: a torch.Generator on the model's device, for reproducible samples.
+        x_T: the starting noise (B, z, h, w) instead of a draw from `generator` (moved to the model's
+        device); with DDIM, eta 0, the images then depend only on x_T and the prompts.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -164,11 +172,11 @@ class LatentDiffusion(nn.Module):
             kwargs = dict(context=cond, uncond_context=uncond, guidance_scale=guidance_scale,
                           classifier_grad=classifier_grad, classifier_scale=classifier_scale,
                           prediction=self.diffusion_cfg.prediction, generator=generator,
-                          progress=progress, callback=callback)
+                          x_T=None if x_T is None else x_T.to(self.device), progress=progress, callback=callback)
             if sampler == "ddim":
-                z0 = ddim_sample(self.eps_model, self.schedule, shape, steps=steps, eta=eta, **kwargs)
+                z0 = ddim_sample(self.unet_output, self.schedule, shape, steps=steps, eta=eta, **kwargs)
             else:
-                z0 = ddpm_sample(self.eps_model, self.schedule, shape, **kwargs)
+                z0 = ddpm_sample(self.unet_output, self.schedule, shape, **kwargs)
         finally:
             self.train(was_training)  # also after an error or Ctrl-C: training code keeps its mode
         images = self.decode_latents(z0)

@@ -36,6 +36,10 @@ class UNetConfig:
     dropout: float = 0.0  # dropout in ResBlocks and feed-forward layers
     num_groups: int = 32  # GroupNorm groups; must divide every width
     fused_attention: bool = True  # True: F.scaled_dot_product_attention; False: written-out softmax(QKᵀ/√d)V
+    pooled_context: bool = False  # also add a projection of the mean context vector to the time embedding
+    # (a global path for the caption into every ResBlock, as Imagen and SDXL do with a pooled text embedding)
+    coord_channels: bool = False  # give conv_in two more input channels, the pixel's x and y in [-1, 1]
+    # (CoordConv, Liu et al. 2018): the denoiser knows where each feature is, so "top left" can mean a place
 
     def __post_init__(self):
         # JSON turns tuples into lists; accept both and store tuples.
@@ -264,7 +268,8 @@ class UNet(nn.Module):
         mc, groups = cfg.model_channels, cfg.num_groups
         time_dim = 4 * mc
         self.time_embed = nn.Sequential(nn.Linear(mc, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
-        self.conv_in = nn.Conv2d(cfg.in_channels, mc, kernel_size=3, padding=1)
+        self.context_embed = nn.Linear(cfg.context_dim, time_dim) if cfg.pooled_context else None
+        self.conv_in = nn.Conv2d(cfg.in_channels + 2 * cfg.coord_channels, mc, kernel_size=3, padding=1)
 
         def res(c_in, c_out):
             return ResBlock(c_in, c_out, time_dim, groups, cfg.dropout)
@@ -363,6 +368,15 @@ class UNet(nn.Module):
         """x (B, in_channels, H, W), t (B,), context (B, L, context_dim), context_mask (B, L) -> ε̂."""
         t, context_mask = self._check_inputs(x, t, context, context_mask)
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))  # (B, 4·mc)
+        if self.context_embed is not None:  # + the mean of the context vectors the mask keeps
+            keep = torch.ones_like(context[..., 0]) if context_mask is None else context_mask.to(context.dtype)  # (B, L)
+            pooled = (context * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)  # (B, d)
+            emb = emb + self.context_embed(pooled)  # (B, 4·mc)
+        if self.cfg.coord_channels:
+            B, _, H, W = x.shape
+            ys, xs = torch.meshgrid(torch.linspace(-1, 1, H, device=x.device, dtype=x.dtype),
+                                    torch.linspace(-1, 1, W, device=x.device, dtype=x.dtype), indexing="ij")
+            x = torch.cat([x, torch.stack([xs, ys]).expand(B, 2, H, W)], dim=1)  # (B, C + 2, H, W)
 
         h = self.conv_in(x)  # (B, mc, H, W)
         skips = [h]
