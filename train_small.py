@@ -11,7 +11,7 @@ Stages, each one visible loop below:
   0  data       Shapes (or --data) as one uint8 tensor in memory; a tokenizer trained on its captions
   1  autoencoder   L2 (or L1) + KL (+ optional patch GAN), validation PSNR, the latent scale factor
   2  latents    the training set encoded once: posterior mean and log-variance, captions as ids
-  3  diffusion  text encoder + U-Net on the ε objective, caption dropout, EMA, AdamW, warm-up + cosine
+  3  diffusion  text encoder + U-Net on the ε or v objective, caption dropout, EMA, AdamW, warm-up + cosine
   4  classifier a noise-aware latent classifier p(y | z_t) for classifier guidance (Shapes only)
 
 This script is the only place that knows about devices, autocast, compile, DDP and the run folder:

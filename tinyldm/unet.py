@@ -371,12 +371,12 @@ class UNet(nn.Module):
         if self.context_embed is not None:  # + the mean of the context vectors the mask keeps
             keep = torch.ones_like(context[..., 0]) if context_mask is None else context_mask.to(context.dtype)  # (B, L)
             pooled = (context * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)  # (B, d)
-            emb = emb + self.context_embed(pooled)  # (B, 4·mc)
+            emb = emb + self.context_embed(pooled)  # e = MLP(emb(t)) + W·mean(c), the pooled path   (B, 4·mc)
         if self.cfg.coord_channels:
             B, _, H, W = x.shape
             ys, xs = torch.meshgrid(torch.linspace(-1, 1, H, device=x.device, dtype=x.dtype),
                                     torch.linspace(-1, 1, W, device=x.device, dtype=x.dtype), indexing="ij")
-            x = torch.cat([x, torch.stack([xs, ys]).expand(B, 2, H, W)], dim=1)  # (B, C + 2, H, W)
+            x = torch.cat([x, torch.stack([xs, ys]).expand(B, 2, H, W)], dim=1)  # CoordConv: [x_t, X, Y]   (B, C + 2, H, W)
 
         h = self.conv_in(x)  # (B, mc, H, W)
         skips = [h]
