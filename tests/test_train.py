@@ -192,6 +192,11 @@ def test_evaluate_command_line(reference_run, tmp_path):
         final = report["final"]["fidelity"][kind]
         assert final["n"] == 3 and final["all_correct_ci"][0] <= final["all_correct"] <= final["all_correct_ci"][1]
     assert report["same_noise_position"]["n"] == 9 and report["same_noise_position"]["guidance_scale"] == best
+    for flag in ("--final-images", "--same-noise"):  # a negative count fails at once, nothing written
+        bad = tmp_path / "bad.json"
+        with pytest.raises(SystemExit, match=f"{flag} must be >= 0"):
+            cli(["evaluate", "--run", str(reference_run), "--out", str(bad), flag, "-1"])
+        assert not bad.exists()
     assert [r["steps"] for r in report["sampler_sweep"]] == [2, 4]
     for kind in ("single", "two", "held_out"):
         assert 0 <= report["guidance_sweep"][0]["fidelity"][kind]["all_correct"] <= 1

@@ -112,6 +112,9 @@ def evaluate(args):
     from tinyldm.data import ShapesConfig, ShapesDataset
     from tinyldm.evaluate import evaluate_model, position_follows_prompt, prompt_set, reconstruction_report
 
+    for name in ("final_images", "same_noise"):  # checked before minutes of sampling, not after
+        if getattr(args, name) < 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 0 (0 = skip), got {getattr(args, name)}")
     model, device = _load_run(args)
     out = Path(args.out or Path(args.run) / "eval.json")
     prompts = {kind: prompt_set(kind, args.prompts_per_kind, seed=args.seed) for kind in ("single", "two", "held_out")}
