@@ -68,6 +68,7 @@ class TrainConfig:
     num_val: int = 1000             # Shapes validation images
     vocab_size: int = 1000          # tokenizer vocabulary, special tokens included
     max_length: int = 24            # tokens per prompt
+    p_position: float = 1.0         # Shapes: share of single-object captions that name the position
     # stage 1: autoencoder
     ae_channels: int = 16           # base width of encoder/decoder
     ae_mult: tuple = (1, 2)         # width multipliers per level; f = 2^(len-1): f=2, 16x16 latents at 32 px
@@ -91,6 +92,8 @@ class TrainConfig:
     schedule: str = "scaled_linear"  # beta schedule
     prediction: str = "v"           # eps or v (v weights the high-noise steps, where layout is decided)
     p_uncond: float = 0.1           # caption dropout probability (for classifier-free guidance)
+    p_noisy_t: float = 0.75         # share of training t drawn from the noisy end (where layout is decided)
+    noisy_t_from: float = 0.6       # the noisy end starts at noisy_t_from * T (see diffusion.training_timesteps)
     steps: int = 2600               # U-Net training steps
     batch_size: int = 64            # latents per step (per process)
     lr: float = 1e-3                # AdamW peak learning rate
@@ -322,7 +325,7 @@ def main(argv=None):
             val_set = None
         else:
             shapes = ShapesConfig(image_size=cfg.image_size, num_train=cfg.num_train, num_val=cfg.num_val,
-                                  seed=cfg.seed)
+                                  seed=cfg.seed, p_position=cfg.p_position)
             train_set, val_set = ShapesDataset(shapes, "train"), ShapesDataset(shapes, "val")
         train_images = train_set.images_uint8().to(device)                # (N, 3, H, W) uint8
         val_images = (val_set.images_uint8() if val_set else train_images[:256].cpu()).to(device)
@@ -344,7 +347,8 @@ def main(argv=None):
                           num_heads=cfg.heads, context_dim=cfg.text_width,
                           num_groups=min(32, cfg.unet_channels // 4), pooled_context=cfg.pooled_context,
                           coord_channels=cfg.coord_channels)
-    diffusion_cfg = DiffusionConfig(schedule=cfg.schedule, prediction=cfg.prediction, p_uncond=cfg.p_uncond)
+    diffusion_cfg = DiffusionConfig(schedule=cfg.schedule, prediction=cfg.prediction, p_uncond=cfg.p_uncond,
+                                    p_noisy_t=cfg.p_noisy_t, noisy_t_from=cfg.noisy_t_from)
     model = LatentDiffusion(tokenizer, text_cfg, ae_cfg, unet_cfg, diffusion_cfg, cfg.image_size).to(device)
 
     # -- only now, with data and configs known to be good, touch the run folder ----------------

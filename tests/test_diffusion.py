@@ -20,6 +20,7 @@ from tinyldm.diffusion import (
     ddpm_sample,
     diffusion_loss,
     make_beta_schedule,
+    training_timesteps,
 )
 
 T = 1000
@@ -564,3 +565,19 @@ def test_diffusion_loss_oracle_zero_model_and_gradients():
     assert weight.grad is not None and weight.grad.abs() > 0
     manual = ((0 * schedule.q_sample(x0, t, eps) - eps) ** 2).mean()  # weight is 0
     assert torch.allclose(loss.detach(), manual)
+
+
+def test_training_timesteps_uniform_and_noisy_end():
+    """p_noisy = 0 is DDPM's t ~ U{0..T-1}, draw for draw; p_noisy = 1 keeps every t in the noisy end;
+    in between, the share of t at or above the noisy end's start is p + (1 - p)·(1 - noisy_from)."""
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(training_timesteps(T, 500, generator=g1), torch.randint(0, T, (500,), generator=g2))
+    t = training_timesteps(T, 20000, p_noisy=1.0, noisy_from=0.6, generator=g1)
+    assert t.dtype == torch.long and t.min() == 600 and t.max() == T - 1
+    t = training_timesteps(T, 20000, p_noisy=0.5, noisy_from=0.6, generator=g1)
+    share = (t >= 600).float().mean().item()
+    assert abs(share - (0.5 + 0.5 * 0.4)) < 0.02  # 0.7 ± 4.4 standard errors
+    assert t.min() < 600 and t.max() == T - 1
+    for bad in [dict(p_noisy=-0.1), dict(p_noisy=1.5), dict(noisy_from=1.0), dict(noisy_from=-0.2)]:
+        with pytest.raises(ValueError):
+            training_timesteps(T, 4, **bad)

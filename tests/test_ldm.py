@@ -154,3 +154,26 @@ def test_mismatched_components_are_rejected():
         LatentDiffusion(tokenizer, TextEncoderConfig(vocab_size=50, d_model=32, n_heads=2),
                         AutoencoderConfig(base_channels=8, num_groups=4), UNetConfig(context_dim=64, num_groups=8),
                         DiffusionConfig(), image_size=16)
+
+
+def test_training_draws_t_from_the_noisy_end(monkeypatch):
+    """DiffusionConfig.p_noisy_t = 1: every training t lies in [noisy_t_from·T, T); 0: they spread over all T."""
+    import tinyldm.ldm
+
+    seen, real = [], tinyldm.ldm.diffusion_loss
+
+    def spy(*args, t=None, **kwargs):
+        seen.append(t)
+        return real(*args, t=t, **kwargs)
+
+    monkeypatch.setattr(tinyldm.ldm, "diffusion_loss", spy)
+    model = tiny_model()
+    ids, mask = model.tokenize(["a red circle"] * 256)
+    z0 = torch.randn(256, 4, 4, 4)
+    model(z0, ids, mask, torch.Generator().manual_seed(0))
+    assert seen[-1].min() < 30 and seen[-1].max() > 90  # T = 100, uniform
+    model.diffusion_cfg.p_noisy_t, model.diffusion_cfg.noisy_t_from = 1.0, 0.7
+    model(z0, ids, mask, torch.Generator().manual_seed(0))
+    assert seen[-1].min() >= 70 and seen[-1].max() == 99
+    with pytest.raises(ValueError, match="p_noisy_t"):
+        DiffusionConfig(p_noisy_t=2.0)

@@ -419,6 +419,26 @@ def ddim_sample(model, schedule, shape, context=None, uncond_context=None, guida
 # --- training objective -----------------------------------------------------------------------
 
 
+def training_timesteps(T, B, p_noisy=0.0, noisy_from=0.6, generator=None, device=None):
+    """The training batch's t, (B,) long: t ~ U{0, …, T−1} (DDPM Algorithm 1), except that each row,
+    with probability p_noisy, draws instead from the noisy end U{⌊noisy_from·T⌋, …, T−1}.
+
+    Where an object goes is decided in the first, noisiest sampling steps: lower down, x_t already shows
+    it. So only there does the loss reward reading the position from the caption, and with t uniform a
+    small U-Net does not learn it (README, "Results"). Drawing more of the batch there is a sampling
+    density over t, like SD3's logit-normal (Esser et al. 2024, Sec. 3.1). With p_noisy = 0 the draws are
+    exactly DDPM's, from the same generator state.
+    """
+    if not 0 <= p_noisy <= 1 or not 0 <= noisy_from < 1:
+        raise ValueError(f"need 0 <= p_noisy <= 1 and 0 <= noisy_from < 1; got {p_noisy}, {noisy_from}")
+    t = torch.randint(0, T, (B,), generator=generator, device=device)  # t ~ U{0, …, T−1}
+    if p_noisy > 0:
+        noisy = torch.rand(B, generator=generator, device=device) < p_noisy  # which rows draw from the noisy end
+        t_noisy = torch.randint(int(noisy_from * T), T, (B,), generator=generator, device=device)
+        t = torch.where(noisy, t_noisy, t)  # (B,)
+    return t
+
+
 def diffusion_loss(model, schedule, x0, context, prediction="eps", generator=None, t=None, eps=None):
     """The simple objective (DDPM Eq. 14, L_simple): mean over all elements of (target − model(x_t, t, c))².
 
@@ -429,7 +449,7 @@ def diffusion_loss(model, schedule, x0, context, prediction="eps", generator=Non
     # BEGIN ASSIGNMENT 8: DDPM Eq. 14 (Algorithm 1), or the v target
     B = x0.shape[0]
     if t is None:
-        t = torch.randint(0, schedule.T, (B,), generator=generator, device=x0.device)  # t ~ U{0, …, T−1}
+        t = training_timesteps(schedule.T, B, generator=generator, device=x0.device)  # t ~ U{0, …, T−1}
     t = schedule._timesteps(t, B)  # (B,) LongTensor, also when an int is given
     if eps is None:
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)  # ε ~ N(0, I)

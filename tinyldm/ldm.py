@@ -22,7 +22,7 @@ import torch.nn as nn
 from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
 from tinyldm.classifier import ClassifierConfig, LatentClassifier, make_classifier_grad
 from tinyldm.diffusion import (PREDICTIONS, SCHEDULE_KINDS, NoiseSchedule, ddim_sample, ddpm_sample,
-                               diffusion_loss, make_beta_schedule)
+                               diffusion_loss, make_beta_schedule, training_timesteps)
 from tinyldm.text_encoder import BOS, PAD, TextEncoder, TextEncoderConfig, load_tokenizer, tokenize
 from tinyldm.unet import UNet, UNetConfig
 
@@ -37,6 +37,8 @@ class DiffusionConfig:
     beta_end: float = 0.012          # β at t = T-1
     prediction: str = "eps"          # what the U-Net predicts: "eps" (DDPM) or "v" (Salimans & Ho)
     p_uncond: float = 0.1            # caption dropout: share of training captions replaced by ""
+    p_noisy_t: float = 0.0           # share of training t drawn from the noisy end instead of U{0..T-1}
+    noisy_t_from: float = 0.6        # the noisy end: t in [noisy_t_from·T, T) (see training_timesteps)
 
     def __post_init__(self):
         if self.schedule not in SCHEDULE_KINDS:
@@ -45,6 +47,9 @@ class DiffusionConfig:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         if not 0 <= self.p_uncond < 1:
             raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
+        if not 0 <= self.p_noisy_t <= 1 or not 0 <= self.noisy_t_from < 1:
+            raise ValueError(f"need 0 <= p_noisy_t <= 1 and 0 <= noisy_t_from < 1, "
+                             f"got {self.p_noisy_t} and {self.noisy_t_from}")
 
 
 class LatentDiffusion(nn.Module):
@@ -127,8 +132,11 @@ class LatentDiffusion(nn.Module):
         LDM Eq. 2 / DDPM Eq. 14, E ‖ε − ε_θ(z_t, t, τ_θ(y))‖², with caption dropout."""
         ids, mask = self.drop_captions(ids, mask, generator)
         context = self.text_encoder(ids, mask)                             # (B, L, d)
+        cfg = self.diffusion_cfg
+        t = training_timesteps(self.schedule.T, z0.shape[0], cfg.p_noisy_t, cfg.noisy_t_from, generator,
+                               z0.device)                                  # (B,)
         return diffusion_loss(self.unet_output, self.schedule, z0, (context, mask),
-                              prediction=self.diffusion_cfg.prediction, generator=generator)
+                              prediction=cfg.prediction, generator=generator, t=t)
 
     def loss(self, images, captions, generator=None):
         """The LDM objective from images and caption strings (encodes on the fly)."""
