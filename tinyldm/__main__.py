@@ -324,12 +324,6 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.set_defaults(run_command=evaluate)
 
-    from tinyldm import bench
-
-    p = commands.add_parser("bench", help="benchmarks: latent vs pixel step, samplers, attention paths, CUDA extras")
-    bench.add_arguments(p)
-    p.set_defaults(run_command=bench.run)
-
     from tinyldm import assignments
 
     p = commands.add_parser("assignments", help="course assignments: make a starter kit and handout, or grade")
