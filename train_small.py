@@ -313,12 +313,14 @@ def _pyplot():
     return plt
 
 
-def plot_losses(run_dir, recon_loss):
+def plot_losses(run_dir, cfg):
+    """loss.png: the logged losses of stages 1 and 3, each titled with what it is."""
     plt = _pyplot()
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, stage, title in ((axes[0], 1, f"stage 1: autoencoder ({recon_loss.upper()} + KL)"),
-                             (axes[1], 3, "stage 3: diffusion loss (ε or v MSE)")):
+    ae_loss = f"{cfg.recon_loss.upper()} + KL" + (" + GAN" if cfg.disc_weight > 0 else "")
+    for ax, stage, title in ((axes[0], 1, f"stage 1: autoencoder ({ae_loss})"),
+                             (axes[1], 3, f"stage 3: diffusion loss ({cfg.prediction} MSE)")):
         rows = [r for r in records if r["stage"] == stage]
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
         ax.set(title=title, xlabel="step", yscale="log")
@@ -673,7 +675,7 @@ def save_run(run, model, prompts):
     save_samples(model, prompts, run.dir / "samples_final.png", run.cfg, run.device)
     run.metrics["time_samples_s"] = time.time() - timer
     run.metrics["time_total_s"] = sum(v for k, v in run.metrics.items() if k.startswith("time_"))
-    plot_losses(run.dir, run.cfg.recon_loss)
+    plot_losses(run.dir, run.cfg)
     write_atomic(run.dir / "metrics.json", lambda p: p.write_text(json.dumps(run.metrics, indent=2)))
     (run.dir / "checkpoint.pt").unlink(missing_ok=True)  # complete: model.pt holds the result
     print(json.dumps({k: v for k, v in run.metrics.items() if k != "classifier_accuracy_by_t"}, indent=2))
