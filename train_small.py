@@ -7,17 +7,19 @@
     torchrun --nproc_per_node=2 train_small.py   # data parallel over 2 GPUs (or 2 CPU processes)
     python train_small.py --help                 # every setting; any of them can be overridden
 
-Stages, each one visible loop below:
-  0  data       Shapes (or --data) as one uint8 tensor in memory; a tokenizer trained on its captions
-  1  autoencoder   L2 (or L1) + KL (+ optional patch GAN), validation PSNR, the latent scale factor
-  2  latents    the training set encoded once: posterior mean and log-variance, captions as ids
-  3  diffusion  text encoder + U-Net on the ε or v objective, caption dropout, EMA, AdamW, warm-up + cosine
-  4  classifier a noise-aware latent classifier p(y | z_t) for classifier guidance (Shapes only)
+Stages, one function each below, each one visible loop; main() at the bottom calls them in order:
+  0  data         Shapes (or --data) as one uint8 tensor in memory; a tokenizer trained on its captions
+  1  autoencoder  L2 reconstruction (--recon-loss l1: L1) + KL (+ optional patch GAN), validation PSNR,
+                  the latent scale factor
+  2  latents      the training set encoded once: posterior mean and log-variance, captions as ids
+  3  diffusion    text encoder + U-Net on the ε or v objective, caption dropout, EMA, AdamW, warm-up + cosine
+  4  classifier   a noise-aware latent classifier p(y | z_t) for classifier guidance (Shapes only)
 
-This script is the only place that knows about devices, autocast, compile, DDP and the run folder:
-  runs/NAME/  train_config.json  model.json  tokenizer.json  model.pt   the trained model (EMA weights)
-              checkpoint.pt      log.jsonl   loss.png   reconstructions.png   samples_*.png   metrics.json
-              classifier_accuracy.png
+This script is the only place that knows about compile, DDP and the training files of a run folder:
+  runs/NAME/  model.json  tokenizer.json  model.pt   the trained model (EMA weights): LatentDiffusion.save
+              train_config.json  checkpoint.pt (until the run is complete)  log.jsonl  metrics.json
+              loss.png  reconstructions.png  samples_*.png  classifier_accuracy.png
+Devices and precision follow tinyldm's one rule (pick_device, autocast in tinyldm/__main__.py).
 
 Randomness: the batch and noise of step s of stage k come from a generator seeded with
 (seed, k, s, rank), so a resumed run draws exactly what an uninterrupted run would have drawn.
@@ -32,7 +34,6 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -41,9 +42,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from tinyldm.classifier import ClassifierConfig, LatentClassifier, accuracy_by_timestep, classifier_loss, labels_from_scenes
-from tinyldm.autoencoder import (AutoencoderConfig, PatchDiscriminator, autoencoder_loss,
+from tinyldm.__main__ import autocast, pick_device
+from tinyldm.autoencoder import (AutoencoderConfig, DiagonalGaussian, PatchDiscriminator, autoencoder_loss,
                                  discriminator_loss, latent_scale_factor)
+from tinyldm.classifier import ClassifierConfig, LatentClassifier, accuracy_by_timestep, classifier_loss, labels_from_scenes
 from tinyldm.data import (DataError, ImageFolderDataset, ShapesConfig, ShapesDataset, describe, to_float,
                           to_uint8)
 from tinyldm.ldm import DiffusionConfig, LatentDiffusion, write_atomic
@@ -77,7 +79,7 @@ class TrainConfig:
     ae_lr: float = 1e-3             # Adam learning rate
     recon_loss: str = "l2"          # reconstruction loss, l2 or l1 (see autoencoder.py)
     kl_weight: float = 1e-6         # weight of the KL term (LDM's KL-reg autoencoders use 1e-6)
-    disc_weight: float = 0.0        # patch-GAN weight (0 = off; L1 alone is sharp on flat shapes)
+    disc_weight: float = 0.0        # patch-GAN weight (0 = off: the runs train on recon_loss + KL alone)
     disc_start: int = 0             # step from which the GAN term is on
     # stage 3: text encoder + U-Net
     text_width: int = 128           # text encoder width = U-Net context_dim
@@ -133,14 +135,14 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     comments = _field_comments()
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flag, defaults = "--" + f.name.replace("_", "-"), _defaults(f)
+        text = comments.get(f.name, "") + (f" ({defaults})" if defaults else "")
         if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=comments.get(f.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             kind = (lambda s: tuple(int(v) for v in s.split(","))) if f.type is tuple else f.type
-            in_presets = "".join(f", {p}: {v[f.name]}" for p, v in PRESETS.items() if f.name in v)
             parser.add_argument(flag, type=kind, default=None, metavar="1,2,2" if f.type is tuple else None,
-                                help=f"{comments.get(f.name, '')} (cpu: {f.default}{in_presets})")
+                                help=text)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     preset = given.get("preset", "auto")
     if preset == "auto":
@@ -162,8 +164,44 @@ def _field_comments():
     return comments
 
 
+def _defaults(field):
+    """'default: 2600; tiny: 260, small: 10000': the TrainConfig default (the cpu preset), then each preset
+    that sets the field to another value, written as the flag takes it. An empty default is explained
+    by the field's comment."""
+    def show(value):
+        return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+    presets = ", ".join(f"{name}: {show(values[field.name])}" for name, values in PRESETS.items()
+                        if values.get(field.name, field.default) != field.default)
+    default = f"default: {show(field.default)}" if field.default != "" else ""
+    return "; ".join(part for part in (default, presets) if part)
+
+
+def num_groups(width):
+    """GroupNorm groups of a network whose narrowest width is `width`: a quarter of it, at most 32."""
+    return min(32, width // 4)
+
+
+def component_configs(cfg, vocab_size):
+    """The configs a TrainConfig makes of the four components: (text encoder, autoencoder, U-Net,
+    diffusion). main() builds the model from them; bench.py measures the same U-Net."""
+    text_cfg = TextEncoderConfig(vocab_size=vocab_size, max_length=cfg.max_length, d_model=cfg.text_width,
+                                 n_layers=cfg.text_layers, n_heads=cfg.heads)
+    ae_cfg = AutoencoderConfig(base_channels=cfg.ae_channels, channel_mult=cfg.ae_mult, recon_loss=cfg.recon_loss,
+                               num_groups=num_groups(cfg.ae_channels), kl_weight=cfg.kl_weight,
+                               disc_weight=cfg.disc_weight, disc_start=cfg.disc_start)
+    unet_cfg = UNetConfig(in_channels=ae_cfg.z_channels, out_channels=ae_cfg.z_channels,
+                          model_channels=cfg.unet_channels, channel_mult=cfg.unet_mult,
+                          num_res_blocks=cfg.unet_res_blocks, attention_levels=cfg.unet_attention,
+                          num_heads=cfg.heads, context_dim=cfg.text_width, num_groups=num_groups(cfg.unet_channels),
+                          pooled_context=cfg.pooled_context, coord_channels=cfg.coord_channels)
+    diffusion_cfg = DiffusionConfig(schedule=cfg.schedule, prediction=cfg.prediction, p_uncond=cfg.p_uncond,
+                                    p_noisy_t=cfg.p_noisy_t, noisy_t_from=cfg.noisy_t_from)
+    return text_cfg, ae_cfg, unet_cfg, diffusion_cfg
+
+
 # ----------------------------------------------------------------------------------------------
-# Helpers the stages share: devices, step seeds, learning rate, checkpoints, logs
+# Helpers the stages share: step seeds, learning rate, checkpoints, logs, Ctrl-C, plots
 
 def step_generator(generator, cfg, stage, step, rank):
     """Re-seed `generator` for (stage, step, rank): resumable randomness without saving RNG state."""
@@ -206,15 +244,83 @@ class Log:
                 f.write(json.dumps(record) + "\n")
 
 
-def plot_losses(run_dir):
+class StopFlag:
+    """Ctrl-C asks the loop to stop at the next step boundary, so the checkpoint is exact.
+    (Under torchrun, Ctrl-C stops all processes; resume from the last periodic checkpoint.)"""
+
+    def __init__(self, install):
+        self.requested = False
+        if install:
+            signal.signal(signal.SIGINT, self._request)
+
+    def _request(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: saving a checkpoint at the end of this step (Ctrl-C again to quit now)",
+              file=sys.stderr)
+
+    @staticmethod
+    def save_and_exit(run, state):
+        if run.main_process:
+            save_checkpoint(run.dir, state)
+        raise SystemExit(f"interrupted at stage {state['stage']}, step {state['step']}: checkpoint saved. "
+                         f"Continue with: python train_small.py --name {run.cfg.name} --resume")
+
+
+@dataclass
+class Run:
+    """What every stage reads: the settings, where this process runs, and where the run is written."""
+    cfg: TrainConfig
+    device: torch.device
+    rank: int                   # this process, 0 to world - 1 (0 without torchrun)
+    world: int                  # processes in all
+    dir: Path                   # the run folder, runs_dir/name
+    log: Log
+    stop: StopFlag
+    generator: torch.Generator  # re-seeded at every step by step_generator
+    metrics: dict               # what metrics.json will hold, filled in stage by stage
+
+    @property
+    def main_process(self):
+        return self.rank == 0  # the only process that writes files
+
+    def parallel(self, module):
+        """The module to train: wrapped in DDP under torchrun (it averages gradients), else itself."""
+        return DDP(module, broadcast_buffers=False) if self.world > 1 else module
+
+
+@dataclass
+class Latents:
+    """Stage 2's cache: the posterior q(z|x) of every training image, and its caption as token ids."""
+    mean: torch.Tensor    # (N, z, h, w)
+    logvar: torch.Tensor  # (N, z, h, w)
+    ids: torch.Tensor     # (N, L)
+    mask: torch.Tensor    # (N, L)
+
+    def sample_z0(self, idx, scale_factor, generator):
+        """A fresh z0 = scale · z, z ~ q(z|x) = N(μ, σ²), for cached images idx (each epoch sees new latents)."""
+        posterior = DiagonalGaussian(self.mean[idx], self.logvar[idx])      # (B, z, h, w) each
+        return posterior.sample(generator) * scale_factor                  # VAE reparametrisation; LDM Sec. 4.3.2
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_losses(run_dir, cfg):
+    """loss.png: the logged losses of stages 1 and 3, each titled with what it is."""
+    plt = _pyplot()
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, stage, title in ((axes[0], 1, "stage 1: autoencoder (reconstruction + KL)"), (axes[1], 3, "stage 3: diffusion loss (ε or v MSE)")):
+    ae_loss = f"{cfg.recon_loss.upper()} + KL" + (" + GAN" if cfg.disc_weight > 0 else "")
+    for ax, stage, title in ((axes[0], 1, f"stage 1: autoencoder ({ae_loss})"),
+                             (axes[1], 3, f"stage 3: diffusion loss ({cfg.prediction} MSE)")):
         rows = [r for r in records if r["stage"] == stage]
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
         ax.set(title=title, xlabel="step", yscale="log")
@@ -224,11 +330,7 @@ def plot_losses(run_dir):
 
 
 def plot_classifier_accuracy(by_t, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     centres = [(lo + hi) / 2 for lo, hi in by_t["bins"]]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name in ("shape", "colour", "size", "position", "all"):
@@ -243,11 +345,7 @@ def plot_classifier_accuracy(by_t, path):
 
 def save_grid(images, titles, path, cols):
     """A grid of uint8 images (N, 3, H, W) with titles, as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows = math.ceil(len(images) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.1 * rows), squeeze=False)
     for ax in axes.flat:
@@ -267,6 +365,11 @@ SAMPLE_PROMPTS = [describe("circle", "red", "large", "top left"), describe("squa
                   "a red circle left of a blue square", "a big green cross above a small purple triangle"]
 
 
+def prompts_for(cfg, train_set):
+    """The prompts of the sample grids: SAMPLE_PROMPTS on Shapes, the first captions of --data."""
+    return train_set.captions[:8] if cfg.data else SAMPLE_PROMPTS
+
+
 def save_samples(model, prompts, path, cfg, device, per_prompt=4):
     generator = torch.Generator(device).manual_seed(cfg.seed)
     with autocast(device):
@@ -276,53 +379,48 @@ def save_samples(model, prompts, path, cfg, device, per_prompt=4):
     save_grid(to_uint8(images), titles, path, cols=2 * per_prompt)
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (about 2x the fp32 speed, same accuracy here); nothing on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+# ----------------------------------------------------------------------------------------------
+# The run folder: check it before anything is trained, write it once the data and configs are good
+
+def open_run_folder(cfg, run_dir, device):
+    """The checkpoint to continue from (None: a fresh start), once --resume, --overwrite and what is
+    already in run_dir agree; a clear error where they do not. Writes nothing."""
+    if not cfg.resume:
+        if run_dir.exists() and any(run_dir.iterdir()) and not cfg.overwrite:
+            raise SystemExit(f"{run_dir} already exists. Use --resume to continue it, --name to start "
+                             "another run, or --overwrite to replace it.")
+        return None
+    if not (run_dir / "train_config.json").is_file():
+        raise SystemExit(f"--resume: {run_dir} holds no run to resume (no train_config.json)")
+    saved = json.loads((run_dir / "train_config.json").read_text())
+    now = json.loads(json.dumps(asdict(cfg)))
+    changed = sorted(k for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k])
+    if changed:
+        raise SystemExit(f"--resume: {run_dir} was made with other settings: "
+                         + ", ".join(f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in changed))
+    if (run_dir / "checkpoint.pt").is_file():
+        return torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=True)
+    return None
+
+
+def start_run_folder(cfg, run_dir, tokenizer):
+    """(Re)make run_dir with the settings and the tokenizer: the first files of a run."""
+    if cfg.overwrite and run_dir.exists() and not cfg.resume:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(run_dir / "train_config.json", lambda p: p.write_text(json.dumps(asdict(cfg), indent=2)))
+    write_atomic(run_dir / "tokenizer.json", lambda p: tokenizer.save(str(p)))
 
 
 # ----------------------------------------------------------------------------------------------
+# The stages, in the order main() runs them
 
-def main(argv=None):
-    cfg = parse_args(argv)
-    # -- devices and processes ----------------------------------------------------------------
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if cfg.device == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    main_process = rank == 0
-    torch.manual_seed(cfg.seed)  # the initial weights (identical on every rank)
-
-    # -- the run folder -------------------------------------------------------------------------
-    run_dir = Path(cfg.runs_dir) / cfg.name
-    checkpoint = None
-    if cfg.resume:
-        if not (run_dir / "train_config.json").is_file():
-            raise SystemExit(f"--resume: {run_dir} holds no run to resume (no train_config.json)")
-        saved = json.loads((run_dir / "train_config.json").read_text())
-        now = json.loads(json.dumps(asdict(cfg)))
-        changed = sorted(k for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k])
-        if changed:
-            raise SystemExit(f"--resume: {run_dir} was made with other settings: "
-                             + ", ".join(f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in changed))
-        if (run_dir / "checkpoint.pt").is_file():
-            checkpoint = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=True)
-    elif run_dir.exists() and any(run_dir.iterdir()) and not cfg.overwrite:
-        raise SystemExit(f"{run_dir} already exists. Use --resume to continue it, --name to start "
-                         "another run, or --overwrite to replace it.")
-    # ==== stage 0: data and tokenizer ==========================================================
-    metrics, timer = {"device": str(device), "torch": torch.__version__, "world_size": world}, time.time()
+def load_data(cfg, device):
+    """Stage 0: (train_set, val_set, train_images (N, 3, H, W) uint8 on device, val_images); val_set is
+    None for --data, whose first 256 training images then stand in for validation."""
     try:
         if cfg.data:
-            train_set = ImageFolderDataset(cfg.data, cfg.image_size)
-            val_set = None
+            train_set, val_set = ImageFolderDataset(cfg.data, cfg.image_size), None
         else:
             shapes = ShapesConfig(image_size=cfg.image_size, num_train=cfg.num_train, num_val=cfg.num_val,
                                   seed=cfg.seed, p_position=cfg.p_position)
@@ -331,135 +429,133 @@ def main(argv=None):
         val_images = (val_set.images_uint8() if val_set else train_images[:256].cpu()).to(device)
     except DataError as e:
         raise SystemExit(f"--data: {e}")
-    N = len(train_images)
-    tokenizer = train_tokenizer(train_set.captions, vocab_size=cfg.vocab_size)
-    metrics["time_data_s"] = time.time() - timer
+    return train_set, val_set, train_images, val_images
 
-    text_cfg = TextEncoderConfig(vocab_size=tokenizer.get_vocab_size(), max_length=cfg.max_length,
-                                 d_model=cfg.text_width, n_layers=cfg.text_layers, n_heads=cfg.heads)
-    # GroupNorm groups: a quarter of the narrowest width, at most 32 (the usual choice)
-    ae_cfg = AutoencoderConfig(base_channels=cfg.ae_channels, channel_mult=cfg.ae_mult, recon_loss=cfg.recon_loss,
-                               num_groups=min(32, cfg.ae_channels // 4), kl_weight=cfg.kl_weight,
-                               disc_weight=cfg.disc_weight, disc_start=cfg.disc_start)
-    unet_cfg = UNetConfig(in_channels=ae_cfg.z_channels, out_channels=ae_cfg.z_channels,
-                          model_channels=cfg.unet_channels, channel_mult=cfg.unet_mult,
-                          num_res_blocks=cfg.unet_res_blocks, attention_levels=cfg.unet_attention,
-                          num_heads=cfg.heads, context_dim=cfg.text_width,
-                          num_groups=min(32, cfg.unet_channels // 4), pooled_context=cfg.pooled_context,
-                          coord_channels=cfg.coord_channels)
-    diffusion_cfg = DiffusionConfig(schedule=cfg.schedule, prediction=cfg.prediction, p_uncond=cfg.p_uncond,
-                                    p_noisy_t=cfg.p_noisy_t, noisy_t_from=cfg.noisy_t_from)
-    model = LatentDiffusion(tokenizer, text_cfg, ae_cfg, unet_cfg, diffusion_cfg, cfg.image_size).to(device)
 
-    # -- only now, with data and configs known to be good, touch the run folder ----------------
-    if main_process:
-        if cfg.overwrite and run_dir.exists() and not cfg.resume:
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / "train_config.json", lambda p: p.write_text(json.dumps(asdict(cfg), indent=2)))
-        write_atomic(run_dir / "tokenizer.json", lambda p: tokenizer.save(str(p)))
-    resume_point = (checkpoint["stage"], checkpoint["step"]) if checkpoint else None
-    log = Log(run_dir / "log.jsonl", main_process, resume_point)
-    generator = torch.Generator(device)
-    stop = StopFlag(install=world == 1)
+def resume_autoencoder(run, model, opt, disc, disc_opt, checkpoint):
+    """The step stage 1 starts from: 0 fresh; mid-stage, the saved weights and optimiser states; past
+    stage 1, cfg.ae_steps (nothing left to train) with the saved weights and scale factor."""
+    if checkpoint is None:
+        return 0
+    model.autoencoder.load_state_dict(checkpoint["autoencoder"])
+    if checkpoint["stage"] > 1:
+        model.scale_factor = checkpoint["scale_factor"]
+        return run.cfg.ae_steps
+    opt.load_state_dict(checkpoint["ae_opt"])
+    if disc:
+        disc.load_state_dict(checkpoint["discriminator"])
+        disc_opt.load_state_dict(checkpoint["disc_opt"])
+    return checkpoint["step"]
 
-    # ==== stage 1: the autoencoder =============================================================
-    timer = time.time()
-    ae = model.autoencoder
-    ae_train = DDP(ae, broadcast_buffers=False) if world > 1 else ae
-    ae_opt = torch.optim.Adam(ae.parameters(), lr=cfg.ae_lr, betas=(0.5, 0.9))  # CompVis' betas
+
+def train_autoencoder(run, model, train_images, val_images, checkpoint):
+    """Stage 1: the autoencoder (reconstruction + KL, optional patch GAN); then its validation PSNR and
+    the latent scale factor, into run.metrics and model.scale_factor."""
+    cfg, device, timer = run.cfg, run.device, time.time()
+    ae, ae_cfg = model.autoencoder, model.autoencoder_cfg
+    ae_train = run.parallel(ae)
+    opt = torch.optim.Adam(ae.parameters(), lr=cfg.ae_lr, betas=(0.5, 0.9))  # CompVis' betas
     disc = PatchDiscriminator(3, ae_cfg.disc_channels, ae_cfg.disc_layers).to(device) if cfg.disc_weight > 0 else None
-    disc_train = DDP(disc, broadcast_buffers=False) if disc and world > 1 else disc
+    disc_train = run.parallel(disc) if disc else None
     disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.ae_lr, betas=(0.5, 0.9)) if disc else None
-    start = 0
-    if checkpoint:
-        ae.load_state_dict(checkpoint["autoencoder"])
-        if disc:
-            disc.load_state_dict(checkpoint["discriminator"])
-        if checkpoint["stage"] == 1:
-            ae_opt.load_state_dict(checkpoint["ae_opt"])
-            if disc:
-                disc_opt.load_state_dict(checkpoint["disc_opt"])
-            start = checkpoint["step"]
-        else:
-            start = cfg.ae_steps  # stage 1 is done
-            model.scale_factor = checkpoint["scale_factor"]
+    start = resume_autoencoder(run, model, opt, disc, disc_opt, checkpoint)
 
-    def stage1_state(step):
-        return {"stage": 1, "step": step, "autoencoder": ae.state_dict(), "ae_opt": ae_opt.state_dict(),
+    def state(step):  # a stage-1 checkpoint
+        return {"stage": 1, "step": step, "autoencoder": ae.state_dict(), "ae_opt": opt.state_dict(),
                 **({"discriminator": disc.state_dict(), "disc_opt": disc_opt.state_dict()} if disc else {})}
 
-    bar = tqdm(range(start, cfg.ae_steps), desc="stage 1: autoencoder", disable=not main_process,
+    bar = tqdm(range(start, cfg.ae_steps), desc="stage 1: autoencoder", disable=not run.main_process,
                initial=start, total=cfg.ae_steps)
     ae.train()
     for step in bar:
-        if stop.requested:
-            stop.save_and_exit(run_dir, stage1_state(step), cfg, main_process)
-        step_generator(generator, cfg, 1, step, rank)
-        x = to_float(train_images[torch.randint(N, (cfg.ae_batch_size,), generator=generator, device=device)])
-        for group in ae_opt.param_groups:
-            group["lr"] = learning_rate(step, cfg.ae_lr, cfg.ae_steps // 20, cfg.ae_steps)
+        if run.stop.requested:
+            run.stop.save_and_exit(run, state(step))
+        # 1. batch: images drawn with the generator of (stage 1, step, rank)
+        generator = step_generator(run.generator, cfg, 1, step, run.rank)
+        idx = torch.randint(len(train_images), (cfg.ae_batch_size,), generator=generator, device=device)
+        x = to_float(train_images[idx])                                   # (B, 3, H, W) in [-1, 1]
+        # 2. learning rate: warm-up over the first 5 % of the steps, then cosine
+        lr = learning_rate(step, cfg.ae_lr, cfg.ae_steps // 20, cfg.ae_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        # 3. forward, backward, update: reconstruction + KL (+ GAN), autoencoder.py
         with autocast(device):
             loss, parts, x_hat = autoencoder_loss(ae_train, x, step, disc_train, generator=generator)
-        ae_opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        ae_opt.step()
-        if disc is not None and step >= cfg.disc_start:  # the discriminator's own step (hinge loss)
+        opt.step()
+        # 4. the discriminator's own step (hinge loss), once the GAN term is on
+        if disc is not None and step >= cfg.disc_start:
             with autocast(device):
                 d_loss = discriminator_loss(disc_train, x, x_hat)
             disc_opt.zero_grad(set_to_none=True)
             d_loss.backward()
             disc_opt.step()
+        # 5. log, checkpoint
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.ae_steps:
             value = loss.item()
-            check_finite(value, 1, step, run_dir)
+            check_finite(value, 1, step, run.dir)
             parts = {k: float(v) for k, v in parts.items()}
-            log(stage=1, step=step + 1, loss=value, lr=ae_opt.param_groups[0]["lr"], **parts)
+            run.log(stage=1, step=step + 1, loss=value, lr=lr, **parts)
             bar.set_postfix(loss=f"{value:.4f}", rec=f"{parts['rec']:.4f}")
-        if main_process and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.ae_steps:
-            save_checkpoint(run_dir, stage1_state(step + 1))
+        if run.main_process and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.ae_steps:
+            save_checkpoint(run.dir, state(step + 1))
     bar.close()
-    del ae_train, disc_train
+
+    # validation PSNR, written out: evaluate.psnr's 10·log10(1/MSE) rounds differently in the last digit
     ae.eval()
     with torch.no_grad(), autocast(device):
         recon = torch.cat([ae(to_float(val_images[i:i + 256]), sample_posterior=False)[0]
                            for i in range(0, len(val_images), 256)]).float().clamp(-1, 1)
     mse = ((recon - to_float(val_images)) / 2).pow(2).flatten(1).mean(1)       # per image, [0, 1] range
-    metrics["autoencoder_psnr_db"] = float((-10 * torch.log10(mse.clamp(min=1e-10))).mean())
+    run.metrics["autoencoder_psnr_db"] = float((-10 * torch.log10(mse.clamp(min=1e-10))).mean())
     if start < cfg.ae_steps:  # a fresh stage 1: the scale from a first batch of latents (scale_by_std)
         with torch.no_grad(), autocast(device):
-            z = ae.encode(to_float(train_images[:512])).sample(step_generator(generator, cfg, 2, 0, 0))
+            z = ae.encode(to_float(train_images[:512])).sample(step_generator(run.generator, cfg, 2, 0, 0))
         model.scale_factor = latent_scale_factor(z.float())
-    metrics["scale_factor"] = model.scale_factor
-    metrics["time_autoencoder_s"] = time.time() - timer
-    if main_process:
-        print(f"autoencoder: validation PSNR {metrics['autoencoder_psnr_db']:.2f} dB, "
+    run.metrics["scale_factor"] = model.scale_factor
+    run.metrics["time_autoencoder_s"] = time.time() - timer
+    if run.main_process:
+        print(f"autoencoder: validation PSNR {run.metrics['autoencoder_psnr_db']:.2f} dB, "
               f"latent scale factor {model.scale_factor:.4f}")
         pairs = torch.stack([val_images[:16].cpu(), to_uint8(recon[:16]).cpu()], 1).flatten(0, 1)  # (32, 3, H, W)
-        save_grid(pairs, ["original", "reconstruction"] * 16, run_dir / "reconstructions.png", cols=8)
+        save_grid(pairs, ["original", "reconstruction"] * 16, run.dir / "reconstructions.png", cols=8)
 
-    # ==== stage 2: encode the training set once ================================================
+
+def encode_training_set(run, model, train_images, captions, tokenizer):
+    """Stage 2: encode every training image once, q(z|x) = N(μ, σ²), and tokenize every caption."""
     timer = time.time()
-    with torch.no_grad(), autocast(device):
-        posteriors = [ae.encode(to_float(train_images[i:i + 512])) for i in range(0, N, 512)]
-    latent_mean = torch.cat([p.mean for p in posteriors]).float()             # (N, z, h, w)
-    latent_logvar = torch.cat([p.logvar for p in posteriors]).float()         # (N, z, h, w)
+    with torch.no_grad(), autocast(run.device):
+        posteriors = [model.autoencoder.encode(to_float(train_images[i:i + 512]))
+                      for i in range(0, len(train_images), 512)]
+    mean = torch.cat([p.mean for p in posteriors]).float()                    # (N, z, h, w)
+    logvar = torch.cat([p.logvar for p in posteriors]).float()                # (N, z, h, w)
     del posteriors
-    token_ids, token_mask = tokenize(tokenizer, train_set.captions, cfg.max_length)
-    token_ids, token_mask = token_ids.to(device), token_mask.to(device)      # (N, L)
-    metrics["time_latents_s"] = time.time() - timer
+    ids, mask = tokenize(tokenizer, captions, run.cfg.max_length)
+    latents = Latents(mean, logvar, ids.to(run.device), mask.to(run.device))  # ids, mask (N, L)
+    run.metrics["time_latents_s"] = time.time() - timer
+    return latents
 
-    def sample_z0(idx):
-        """A fresh z0 = scale·z, z ~ q(z|x) = N(μ, σ²), for cached images idx (each epoch sees new latents)."""
-        mean, logvar = latent_mean[idx], latent_logvar[idx]                   # (B, z, h, w)
-        eps = torch.randn(mean.shape, generator=generator, device=device)
-        return (mean + torch.exp(0.5 * logvar) * eps) * model.scale_factor  # VAE reparametrisation, then scale
 
-    # ==== stage 3: text encoder + U-Net =========================================================
-    timer = time.time()
-    ae.requires_grad_(False)
+def resume_diffusion(model, ema, opt, checkpoint):
+    """The step stage 3 starts from: 0 unless the checkpoint is a stage-3 one, whose weights, EMA weights
+    and optimiser state it then restores."""
+    if checkpoint is None or checkpoint["stage"] != 3:
+        return 0
+    for name in ("text_encoder", "unet"):
+        getattr(model, name).load_state_dict(checkpoint[name])
+        getattr(ema, name).load_state_dict(checkpoint["ema_" + name])
+    opt.load_state_dict(checkpoint["opt"])
+    return checkpoint["step"]
+
+
+def train_diffusion(run, model, latents, prompts, checkpoint):
+    """Stage 3: text encoder + U-Net on the cached latents (the autoencoder stays frozen). Returns the EMA
+    copy of the model, the one that is sampled from and saved."""
+    cfg, device, timer = run.cfg, run.device, time.time()
+    model.autoencoder.requires_grad_(False)
     ema = copy.deepcopy(model).requires_grad_(False)  # its text encoder and U-Net follow the EMA
-    denoiser = DDP(model, broadcast_buffers=False) if world > 1 else model  # forward() = loss on latents
+    denoiser = run.parallel(model)  # forward() = the loss on latents (ldm.py)
     if cfg.compile:
         model.unet.compile()  # in place: state_dict keys stay the same
     params = [p for p in model.parameters() if p.requires_grad]  # text encoder + U-Net
@@ -467,143 +563,172 @@ def main(argv=None):
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.99))  # no decay on biases and norms (GPT-2 practice)
-    start = 0
-    if checkpoint and checkpoint["stage"] == 3:
-        for name in ("text_encoder", "unet"):
-            getattr(model, name).load_state_dict(checkpoint[name])
-            getattr(ema, name).load_state_dict(checkpoint["ema_" + name])
-        opt.load_state_dict(checkpoint["opt"])
-        start = checkpoint["step"]
+    start = resume_diffusion(model, ema, opt, checkpoint)
 
-    def stage3_state(step):
-        return {"stage": 3, "step": step, "autoencoder": ae.state_dict(), "scale_factor": model.scale_factor,
-                "text_encoder": model.text_encoder.state_dict(), "unet": model.unet.state_dict(),
-                "ema_text_encoder": ema.text_encoder.state_dict(), "ema_unet": ema.unet.state_dict(),
-                "opt": opt.state_dict(), **({"discriminator": disc.state_dict()} if disc else {})}
+    def state(step):  # a stage-3 checkpoint: all a resume needs, stage 1's result included
+        return {"stage": 3, "step": step, "autoencoder": model.autoencoder.state_dict(),
+                "scale_factor": model.scale_factor, "text_encoder": model.text_encoder.state_dict(),
+                "unet": model.unet.state_dict(), "ema_text_encoder": ema.text_encoder.state_dict(),
+                "ema_unet": ema.unet.state_dict(), "opt": opt.state_dict()}
 
-    if main_process and start == 0:
-        save_checkpoint(run_dir, stage3_state(0))  # from here on, stage 1 is never trained again
-    bar = tqdm(range(start, cfg.steps), desc="stage 3: diffusion", disable=not main_process,
+    if run.main_process and start == 0:
+        save_checkpoint(run.dir, state(0))  # from here on, stage 1 is never trained again
+    bar = tqdm(range(start, cfg.steps), desc="stage 3: diffusion", disable=not run.main_process,
                initial=start, total=cfg.steps)
     model.train()
     for step in bar:
-        if stop.requested:
-            stop.save_and_exit(run_dir, stage3_state(step), cfg, main_process)
-        step_generator(generator, cfg, 3, step, rank)
-        idx = torch.randint(N, (cfg.batch_size,), generator=generator, device=device)
-        z0 = sample_z0(idx)
+        if run.stop.requested:
+            run.stop.save_and_exit(run, state(step))
+        # 1. batch: cached images drawn with the generator of (stage 3, step, rank), a fresh z0 of each
+        generator = step_generator(run.generator, cfg, 3, step, run.rank)
+        idx = torch.randint(len(latents.mean), (cfg.batch_size,), generator=generator, device=device)
+        z0 = latents.sample_z0(idx, model.scale_factor, generator)              # (B, z, h, w)
+        # 2. learning rate: linear warm-up, then cosine
         lr = learning_rate(step, cfg.lr, cfg.warmup, cfg.steps)
         for group in opt.param_groups:
             group["lr"] = lr
+        # 3. forward, backward, update: caption dropout, t, ε, the ε or v MSE (LatentDiffusion.forward)
         with autocast(device):
-            loss = denoiser(z0, token_ids[idx], token_mask[idx], generator)
+            loss = denoiser(z0, latents.ids[idx], latents.mask[idx], generator)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-        with torch.no_grad():  # EMA: θ_ema ← d·θ_ema + (1 − d)·θ, with d warming up from 0.1
+        # 4. EMA: θ_ema ← d·θ_ema + (1 − d)·θ, with d warming up from 0.1
+        with torch.no_grad():
             d = min(cfg.ema_decay, (1 + step) / (10 + step))
             torch._foreach_lerp_(ema_params, params, 1 - d)  # one fused call for every tensor
+        # 5. log, checkpoint, samples
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             value = loss.item()
-            check_finite(value, 3, step, run_dir)
-            log(stage=3, step=step + 1, loss=value, lr=lr)
+            check_finite(value, 3, step, run.dir)
+            run.log(stage=3, step=step + 1, loss=value, lr=lr)
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.1e}")
-            metrics["final_loss"] = value
-        if main_process and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(run_dir, stage3_state(step + 1))
-        if main_process and cfg.sample_every and (step + 1) % cfg.sample_every == 0 and step + 1 < cfg.steps:
-            save_samples(ema, prompts_for(cfg, train_set), run_dir / f"samples_{step + 1:06d}.png", cfg, device)
+            run.metrics["final_loss"] = value
+        if run.main_process and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            save_checkpoint(run.dir, state(step + 1))
+        if run.main_process and cfg.sample_every and (step + 1) % cfg.sample_every == 0 and step + 1 < cfg.steps:
+            save_samples(ema, prompts, run.dir / f"samples_{step + 1:06d}.png", cfg, device)
     bar.close()
-    metrics["time_diffusion_s"] = time.time() - timer
-    if main_process:  # stage 3 is done: a resume from here on only redoes stage 4 (it is short)
-        save_checkpoint(run_dir, stage3_state(cfg.steps))
+    run.metrics["time_diffusion_s"] = time.time() - timer
+    if run.main_process:  # stage 3 is done: a resume from here on only redoes stage 4 (it is short)
+        save_checkpoint(run.dir, state(cfg.steps))
+    return ema
 
-    # ==== stage 4: a noise-aware latent classifier p(y | z_t), for classifier guidance ==========
-    if cfg.classifier_steps and not cfg.data:
-        timer = time.time()
-        labels, keep = labels_from_scenes(train_set.scenes)               # single-object images only
-        labels, keep = labels.to(device), keep.to(device)                   # (M, 4) shape, colour, size, position
-        classifier = LatentClassifier(ClassifierConfig(in_channels=ae_cfg.z_channels, channels=cfg.classifier_channels,
-                                                       num_groups=min(32, cfg.classifier_channels // 4))).to(device)
-        classifier_train = DDP(classifier, broadcast_buffers=False) if world > 1 else classifier
-        classifier_opt = torch.optim.AdamW(classifier.parameters(), lr=cfg.classifier_lr)
-        bar = tqdm(range(cfg.classifier_steps), desc="stage 4: classifier", disable=not main_process)
-        for step in bar:
-            if stop.requested:
-                raise SystemExit(f"interrupted in stage 4: continue with --name {cfg.name} --resume")
-            step_generator(generator, cfg, 4, step, rank)
-            j = torch.randint(len(keep), (cfg.batch_size,), generator=generator, device=device)
-            z0 = sample_z0(keep[j])
-            for group in classifier_opt.param_groups:
-                group["lr"] = learning_rate(step, cfg.classifier_lr, cfg.classifier_steps // 20, cfg.classifier_steps)
-            with autocast(device):  # cross-entropy of each head on z_t = q_sample(z0, t, ε)
-                loss, accuracy = classifier_loss(classifier_train, model.schedule, z0, labels[j], generator)
-            classifier_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            classifier_opt.step()
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.classifier_steps:
-                value = loss.item()
-                check_finite(value, 4, step, run_dir)
-                log(stage=4, step=step + 1, loss=value, **{k: float(v) for k, v in accuracy.items()})
-                bar.set_postfix(loss=f"{value:.3f}")
-        bar.close()
-        # accuracy on noisy validation latents, by timestep: it falls as t grows
-        val_labels, val_keep = labels_from_scenes(val_set.scenes)
-        with torch.no_grad(), autocast(device):
-            z_val = torch.cat([ae.encode(to_float(val_images[chunk.to(device)])).mode() for chunk in
-                               val_keep.split(512)]).float() * model.scale_factor  # (M, z, h, w)
-            by_t = accuracy_by_timestep(classifier, model.schedule, z_val, val_labels.to(device), t_bins=10,
-                                        generator=step_generator(generator, cfg, 4, cfg.classifier_steps, 0))
-        metrics["classifier_accuracy_by_t"] = by_t
-        metrics["time_classifier_s"] = time.time() - timer
-        ema.classifier = classifier
-        if main_process:
-            plot_classifier_accuracy(by_t, run_dir / "classifier_accuracy.png")
 
-    # ==== the end: save the EMA model, sample, plot ============================================
-    if main_process:
-        ema.save(run_dir)
-        timer = time.time()
-        save_samples(ema, prompts_for(cfg, train_set), run_dir / "samples_final.png", cfg, device)
-        metrics["time_samples_s"] = time.time() - timer
-        metrics["time_total_s"] = sum(v for k, v in metrics.items() if k.startswith("time_"))
-        plot_losses(run_dir)
-        write_atomic(run_dir / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
-        (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # complete: model.pt holds the result
-        print(json.dumps({k: v for k, v in metrics.items() if k != "classifier_accuracy_by_t"}, indent=2))
-        print(f"done: {run_dir}   sample with: python -m tinyldm sample --run {run_dir} \"a red circle\"")
+def train_classifier(run, model, latents, train_set, val_set, val_images):
+    """Stage 4 (Shapes only): a noise-aware latent classifier p(y | z_t) on the single-object images, for
+    classifier guidance; then its accuracy on noisy validation latents by timestep. Returns it."""
+    cfg, device, timer = run.cfg, run.device, time.time()
+    labels, keep = labels_from_scenes(train_set.scenes)                 # single-object images only
+    labels, keep = labels.to(device), keep.to(device)                   # (M, 4) shape, colour, size, position
+    classifier = LatentClassifier(ClassifierConfig(in_channels=model.autoencoder_cfg.z_channels,
+                                                   channels=cfg.classifier_channels,
+                                                   num_groups=num_groups(cfg.classifier_channels))).to(device)
+    classifier_train = run.parallel(classifier)
+    opt = torch.optim.AdamW(classifier.parameters(), lr=cfg.classifier_lr)
+    bar = tqdm(range(cfg.classifier_steps), desc="stage 4: classifier", disable=not run.main_process)
+    for step in bar:
+        if run.stop.requested:
+            raise SystemExit(f"interrupted in stage 4: continue with --name {cfg.name} --resume")
+        # 1. batch: single-object images drawn with the generator of (stage 4, step, rank), a fresh z0 of each
+        generator = step_generator(run.generator, cfg, 4, step, run.rank)
+        j = torch.randint(len(keep), (cfg.batch_size,), generator=generator, device=device)
+        z0 = latents.sample_z0(keep[j], model.scale_factor, generator)         # (B, z, h, w)
+        # 2. learning rate: warm-up over the first 5 % of the steps, then cosine
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, cfg.classifier_lr, cfg.classifier_steps // 20, cfg.classifier_steps)
+        # 3. forward, backward, update: cross-entropy of each head on z_t = q_sample(z0, t, ε)
+        with autocast(device):
+            loss, accuracy = classifier_loss(classifier_train, model.schedule, z0, labels[j], generator)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        # 4. log
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.classifier_steps:
+            value = loss.item()
+            check_finite(value, 4, step, run.dir)
+            run.log(stage=4, step=step + 1, loss=value, **{k: float(v) for k, v in accuracy.items()})
+            bar.set_postfix(loss=f"{value:.3f}")
+    bar.close()
+
+    # accuracy on noisy validation latents, by timestep: it falls as t grows
+    val_labels, val_keep = labels_from_scenes(val_set.scenes)
+    with torch.no_grad(), autocast(device):
+        z_val = torch.cat([model.autoencoder.encode(to_float(val_images[chunk.to(device)])).mode() for chunk in
+                           val_keep.split(512)]).float() * model.scale_factor  # (M, z, h, w)
+        by_t = accuracy_by_timestep(classifier, model.schedule, z_val, val_labels.to(device), t_bins=10,
+                                    generator=step_generator(run.generator, cfg, 4, cfg.classifier_steps, 0))
+    run.metrics["classifier_accuracy_by_t"] = by_t
+    run.metrics["time_classifier_s"] = time.time() - timer
+    if run.main_process:
+        plot_classifier_accuracy(by_t, run.dir / "classifier_accuracy.png")
+    return classifier
+
+
+def save_run(run, model, prompts):
+    """The end: the trained model, a last sample grid, the loss plot and metrics.json; no checkpoint."""
+    if not run.main_process:
+        return
+    model.save(run.dir)
+    timer = time.time()
+    save_samples(model, prompts, run.dir / "samples_final.png", run.cfg, run.device)
+    run.metrics["time_samples_s"] = time.time() - timer
+    run.metrics["time_total_s"] = sum(v for k, v in run.metrics.items() if k.startswith("time_"))
+    plot_losses(run.dir, run.cfg)
+    write_atomic(run.dir / "metrics.json", lambda p: p.write_text(json.dumps(run.metrics, indent=2)))
+    (run.dir / "checkpoint.pt").unlink(missing_ok=True)  # complete: model.pt holds the result
+    print(json.dumps({k: v for k, v in run.metrics.items() if k != "classifier_accuracy_by_t"}, indent=2))
+    print(f"done: {run.dir}   sample with: python -m tinyldm sample --run {run.dir} \"a red circle\"")
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    # 1. devices and processes (torchrun sets WORLD_SIZE, RANK and LOCAL_RANK)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(cfg.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torch.manual_seed(cfg.seed)  # the initial weights (identical on every rank)
+
+    # 2. the run folder: a checkpoint to continue from, or a clear error, before any work
+    run_dir = Path(cfg.runs_dir) / cfg.name
+    checkpoint = open_run_folder(cfg, run_dir, device)
+
+    # 3. stage 0: the data, a tokenizer trained on its captions, the model
+    metrics, timer = {"device": str(device), "torch": torch.__version__, "world_size": world}, time.time()
+    train_set, val_set, train_images, val_images = load_data(cfg, device)
+    tokenizer = train_tokenizer(train_set.captions, vocab_size=cfg.vocab_size)
+    metrics["time_data_s"] = time.time() - timer
+    model = LatentDiffusion(tokenizer, *component_configs(cfg, tokenizer.get_vocab_size()), cfg.image_size)
+    model = model.to(device)
+
+    # 4. only now, with data and configs known to be good, touch the run folder
+    resume_point = (checkpoint["stage"], checkpoint["step"]) if checkpoint else None
+    run = Run(cfg, device, rank, world, run_dir, log=Log(run_dir / "log.jsonl", rank == 0, resume_point),
+              stop=StopFlag(install=world == 1), generator=torch.Generator(device), metrics=metrics)
+    if run.main_process:
+        start_run_folder(cfg, run_dir, tokenizer)
+    prompts = prompts_for(cfg, train_set)
+
+    # 5. the stages, each one loop
+    train_autoencoder(run, model, train_images, val_images, checkpoint)                     # stage 1
+    latents = encode_training_set(run, model, train_images, train_set.captions, tokenizer)  # stage 2
+    ema = train_diffusion(run, model, latents, prompts, checkpoint)                         # stage 3
+    if cfg.classifier_steps and not cfg.data:                                               # stage 4
+        ema.classifier = train_classifier(run, model, latents, train_set, val_set, val_images)
+
+    # 6. save the EMA model, sample, plot
+    save_run(run, ema, prompts)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-
-
-class StopFlag:
-    """Ctrl-C asks the loop to stop at the next step boundary, so the checkpoint is exact.
-    (Under torchrun, Ctrl-C stops all processes; resume from the last periodic checkpoint.)"""
-
-    def __init__(self, install):
-        self.requested = False
-        if install:
-            signal.signal(signal.SIGINT, self._request)
-
-    def _request(self, signum, frame):
-        if self.requested:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: saving a checkpoint at the end of this step (Ctrl-C again to quit now)",
-              file=sys.stderr)
-
-    @staticmethod
-    def save_and_exit(run_dir, state, cfg, main_process):
-        if main_process:
-            save_checkpoint(run_dir, state)
-        raise SystemExit(f"interrupted at stage {state['stage']}, step {state['step']}: checkpoint saved. "
-                         f"Continue with: python train_small.py --name {cfg.name} --resume")
-
-
-def prompts_for(cfg, train_set):
-    return train_set.captions[:8] if cfg.data else SAMPLE_PROMPTS
 
 
 if __name__ == "__main__":

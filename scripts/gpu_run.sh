@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU run behind the README's GPU figures, in one go: all stages of train_small.py (preset
-# `small` unless flags say otherwise), then `python -m tinyldm evaluate` and `python -m tinyldm bench`.
+# `small` unless flags say otherwise), then `python -m tinyldm evaluate` and `python bench.py`.
 #
 #   bash scripts/gpu_run.sh RESULTS_DIR [train_small.py flags ...]
 #
@@ -25,5 +25,5 @@ cp runs/gpu/metrics.json runs/gpu/samples_final.png runs/gpu/loss.png runs/gpu/r
 python -m tinyldm evaluate --run runs/gpu --out "$results/eval.json" --prompts-per-kind "$prompts" \
   --guidance 1,2,3,5,7 --samplers ddim10,ddim20,ddim50,ddim100,ddpm --sweep-prompts "$prompts" \
   --classifier-scales 0,1,3,10 --final-images "${EVAL_FINAL:-1100}" 2>&1 | tr '\r' '\n' | grep -v 'it/s\]$\|s/it\]$' | tee -a "$results/train.log"
-python -m tinyldm bench --out "$results/bench.json" ${BENCH_FLAGS:-} 2>&1 | tee -a "$results/train.log"
+python bench.py --out "$results/bench.json" ${BENCH_FLAGS:-} 2>&1 | tee -a "$results/train.log"
 echo "all: $(( $(date +%s) - start )) s wall" | tee -a "$results/train.log"

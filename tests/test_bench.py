@@ -1,4 +1,4 @@
-"""tinyldm.bench: the whole bench runs in --tiny mode on the CPU and reports every figure.
+"""bench.py: the whole bench runs in --tiny mode on the CPU and reports every figure.
 
 No timing is asserted: only that each figure is there, is a number or None with a reason, and
 the properties that do not depend on the machine (ratios, fused == written-out attention).
@@ -7,11 +7,13 @@ the properties that do not depend on the machine (ratios, fused == written-out a
 import argparse
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from tinyldm import bench
+import bench
+import train_small
 
 FIGURES = [
     # 1. latent vs pixel
@@ -108,16 +110,32 @@ def test_ddpm_extrapolation_is_labelled(tiny_run):
     assert figures["ddpm_over_ddim"]["value"] > 1
 
 
-def test_unet_config_follows_train_small_presets():
-    """The measured U-Net is built from train_small.py's preset exactly as train_small.py builds it."""
-    train_cfg = bench.preset_config("small")
+@pytest.mark.parametrize("preset", ["tiny", "cpu", "small"])
+def test_bench_measures_the_presets_own_unet(preset):
+    """The measured U-Net is the one train_small.component_configs builds for the preset (what it maps is
+    tested in test_train.py), with the channels of the space measured: 4 for latents, 3 for pixels."""
+    train_cfg = bench.preset_config(preset)
+    assert train_cfg == train_small.parse_args(["--preset", preset])
+    _, _, unet_cfg, _ = train_small.component_configs(train_cfg, train_cfg.vocab_size)
+    assert bench.unet_config(train_cfg, 4) == unet_cfg and unet_cfg.in_channels == 4
     cfg = bench.unet_config(train_cfg, 3)
     assert (cfg.in_channels, cfg.out_channels) == (3, 3)
-    assert cfg.model_channels == train_cfg.unet_channels and cfg.channel_mult == tuple(train_cfg.unet_mult)
-    assert cfg.attention_levels == tuple(train_cfg.unet_attention) and cfg.num_heads == train_cfg.heads
-    assert cfg.context_dim == train_cfg.text_width
-    assert cfg.num_groups == min(32, train_cfg.unet_channels // 4)
-    assert (cfg.pooled_context, cfg.coord_channels) == (train_cfg.pooled_context, train_cfg.coord_channels)
+    assert cfg == replace(unet_cfg, in_channels=3, out_channels=3)
+
+
+def test_none_means_the_device_and_preset_defaults():
+    """BenchConfig's None fields are filled in from the preset and the device; an explicit 0 is no
+    'auto' but an error."""
+    bc = bench.BenchConfig(device="cpu")
+    device, train_cfg, _ = bench.resolve(bc)
+    assert device.type == "cpu" and bc.preset == "cpu"
+    assert (bc.image_size, bc.batch_size) == (train_cfg.image_size, train_cfg.batch_size) == (32, 64)
+    assert (bc.sample_batch, bc.warmup, bc.repeats) == (16, 1, 3)
+    bc = bench.BenchConfig(device="cpu", preset="small", batch_size=8)
+    bench.resolve(bc)
+    assert (bc.image_size, bc.batch_size) == (64, 8)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        bench.resolve(bench.BenchConfig(device="cpu", batch_size=0))
 
 
 def test_bad_options_raise_clear_errors(tmp_path):

@@ -205,3 +205,36 @@ def test_evaluate_command_line(reference_run, tmp_path):
     assert methods == [("unconditional", 0.0), ("cfg+classifier", 0.0), ("classifier", 2.0),
                        ("cfg+classifier", 2.0), ("conditional, no guidance", 0.0)]
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("preset", ["tiny", "cpu", "small"])
+def test_component_configs_follow_the_train_config(preset):
+    """component_configs maps each TrainConfig field to its component's config (the U-Net bench.py measures
+    is this one), with GroupNorm groups min(32, width // 4) for every network."""
+    cfg = train_small.parse_args(["--preset", preset])
+    text_cfg, ae_cfg, unet_cfg, diffusion_cfg = train_small.component_configs(cfg, 77)
+    assert (text_cfg.vocab_size, text_cfg.max_length, text_cfg.d_model) == (77, cfg.max_length, cfg.text_width)
+    assert (text_cfg.n_layers, text_cfg.n_heads) == (cfg.text_layers, cfg.heads)
+    assert (ae_cfg.base_channels, ae_cfg.channel_mult, ae_cfg.recon_loss) == (cfg.ae_channels, cfg.ae_mult, cfg.recon_loss)
+    assert ae_cfg.num_groups == min(32, cfg.ae_channels // 4)
+    assert (unet_cfg.in_channels, unet_cfg.out_channels) == (ae_cfg.z_channels, ae_cfg.z_channels)
+    assert unet_cfg.model_channels == cfg.unet_channels and unet_cfg.channel_mult == tuple(cfg.unet_mult)
+    assert unet_cfg.attention_levels == tuple(cfg.unet_attention) and unet_cfg.num_heads == cfg.heads
+    assert unet_cfg.num_res_blocks == cfg.unet_res_blocks and unet_cfg.context_dim == cfg.text_width
+    assert unet_cfg.num_groups == min(32, cfg.unet_channels // 4)
+    assert (unet_cfg.pooled_context, unet_cfg.coord_channels) == (cfg.pooled_context, cfg.coord_channels)
+    assert (diffusion_cfg.schedule, diffusion_cfg.prediction, diffusion_cfg.p_uncond) == (
+        cfg.schedule, cfg.prediction, cfg.p_uncond)
+    assert train_small.num_groups(cfg.classifier_channels) == min(32, cfg.classifier_channels // 4)
+
+
+def test_help_labels_each_default_truthfully(capsys):
+    """--help gives the TrainConfig default of every field and each preset that changes it; nothing is
+    labelled as a preset's value that no preset sets."""
+    with pytest.raises(SystemExit):
+        train_small.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: 2600; tiny: 260, small: 10000)" in text  # --steps
+    assert "AdamW weight decay (default: 0.01)" in text         # no preset sets it
+    assert "(default: 1,2; small: 1,2,2)" in text               # --ae-mult, as the flag takes it
+    assert "cpu:" not in text and "L1 alone" not in text

@@ -47,7 +47,7 @@ def sample(args):
             guide = dict(classifier_scale=args.classifier_scale, classifier_target=classifier_targets(target))
         except ValueError as e:
             raise SystemExit(f"error: --target {args.target!r}: {e} (e.g. --target colour=red,shape=circle)")
-    with _autocast(device):
+    with autocast(device):
         try:
             images = model.generate(prompts, steps=args.steps, guidance_scale=args.guidance_scale,
                                     sampler=args.sampler, eta=args.eta, generator=generator, progress=True, **guide)
@@ -78,27 +78,38 @@ def _save_grid(grid, row_titles, path):
     plt.close(fig)
 
 
-def _device(name):
+def pick_device(name="auto", local_rank=0):
+    """"auto" -> this process's GPU (cuda:local_rank) if there is one, else the CPU; any other name as given.
+    The one device rule of the project: train_small.py, bench.py and these commands use it."""
     import torch
 
-    return torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name} was asked for, but torch.cuda.is_available() is False")
+    return device
 
 
 def _load_run(args):
     """The trained model of --run on --device, or a clear error for a missing or incomplete run."""
     from tinyldm.ldm import LatentDiffusion
 
-    device = _device(args.device)
+    device = pick_device(args.device)
     try:
         return LatentDiffusion.load(args.run, map_location=device).to(device), device
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}")
 
 
-def _autocast(device):
+def autocast(device, enabled=True):
+    """bf16 autocast on CUDA (about 2x the fp32 speed, same accuracy here); nothing on a CPU or when not
+    enabled. The one precision rule of the project: train_small.py, bench.py and these commands use it."""
+    from contextlib import nullcontext
+
     import torch
 
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    return torch.autocast("cuda", dtype=torch.bfloat16) if enabled and device.type == "cuda" else nullcontext()
 
 
 def evaluate(args):
@@ -123,7 +134,7 @@ def evaluate(args):
               "images_per_prompt": args.images_per_prompt}
 
     val = ShapesDataset(ShapesConfig(image_size=model.image_size, num_val=args.reconstruction_images), "val")
-    with _autocast(device):
+    with autocast(device):
         report["reconstruction"] = reconstruction_report(model.autoencoder, val)
     print(f"autoencoder: PSNR {report['reconstruction']['psnr']:.2f} dB on {len(val)} validation images; detector "
           f"{report['reconstruction']['detector_originals']['all']:.3f} on originals, "
@@ -131,7 +142,7 @@ def evaluate(args):
 
     def run(guidance, sampler, steps, pairs, images_per_prompt):
         generator = torch.Generator(device).manual_seed(args.seed)
-        with _autocast(device):
+        with autocast(device):
             result = evaluate_model(model, pairs, images_per_prompt, steps=steps, guidance_scale=guidance,
                                     sampler=sampler, generator=generator, batch_size=args.batch_size)
         f = result["fidelity"]
@@ -141,7 +152,7 @@ def evaluate(args):
 
     def run_methods(method, guidance, gamma, use_prompts, pairs):
         generator = torch.Generator(device).manual_seed(args.seed)
-        with _autocast(device):
+        with autocast(device):
             result = evaluate_model(model, pairs, args.images_per_prompt, steps=args.steps, guidance_scale=guidance,
                                     generator=generator, batch_size=args.batch_size, classifier_scale=gamma,
                                     use_prompts=use_prompts)
@@ -168,7 +179,7 @@ def evaluate(args):
     report["same_noise_position"] = None
     if args.same_noise:  # does the prompt move the object when the starting noise is held fixed?
         generator = torch.Generator(device).manual_seed(args.seed)
-        with _autocast(device):
+        with autocast(device):
             sn = position_follows_prompt(model, args.same_noise, steps=args.steps, guidance_scale=best["guidance_scale"],
                                          generator=generator, batch_size=args.batch_size)
         report["same_noise_position"] = sn
@@ -312,12 +323,6 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.set_defaults(run_command=evaluate)
-
-    from tinyldm import bench
-
-    p = commands.add_parser("bench", help="benchmarks: latent vs pixel step, samplers, attention paths, CUDA extras")
-    bench.add_arguments(p)
-    p.set_defaults(run_command=bench.run)
 
     from tinyldm import assignments
 

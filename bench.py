@@ -1,4 +1,9 @@
-"""Speed and memory benchmarks: `python -m tinyldm bench`, every figure side by side in one process.
+"""Speed and memory benchmarks, every figure side by side in one process:
+
+    python bench.py                  # the preset's U-Net: small on CUDA, cpu on a CPU
+    python bench.py --quick          # DDPM timed over 100 steps and extrapolated to 1000
+    python bench.py --tiny           # everything in seconds (what the tests run)
+    python bench.py --help           # every option
 
   1  latent vs pixel  the same U-Net trained on the preset's latents (4, H/f, W/f) and on pixels (3, H, W)
                      (f = 2 for the cpu preset, f = 4 for small; --preset small measures f = 4 on a CPU too)
@@ -11,44 +16,45 @@ Every time is the median of `repeats` runs after `warmup` runs (torch.cuda.synch
 each run on CUDA). One training step = diffusion_loss forward + backward + AdamW step, with a random
 text context (B, L, d): the text encoder and the autoencoder are left out, because train_small.py
 encodes the images once and caches the latents. The U-Net is the one train_small.py builds for the
-preset. Each figure is {"value", "unit", "note"}; a value not measurable here is None, and the
-note says why. Timings are for reading, never for tests.
+preset (train_small.component_configs). Each figure is {"value", "unit", "note"}; a value not
+measurable here is None, and the note says why. Timings are for reading, never for tests.
 """
 
-import importlib.util
+import argparse
 import json
 import os
 import platform
 import statistics
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import train_small
+from tinyldm.__main__ import autocast, pick_device
 from tinyldm.diffusion import NoiseSchedule, ddim_sample, ddpm_sample, diffusion_loss, make_beta_schedule
-from tinyldm.ldm import DiffusionConfig
-from tinyldm.unet import UNet, UNetConfig, attention
+from tinyldm.unet import UNet, attention
 
 
 @dataclass
 class BenchConfig:
-    device: str = "auto"     # auto | cpu | cuda
-    preset: str = ""         # train_small.py preset whose U-Net is measured; "" = small on CUDA, cpu on CPU
-    image_size: int = 0      # pixels per side; 0 = the preset's (32 for cpu, 64 for small)
-    batch_size: int = 0      # images per training step; 0 = the preset's
-    sample_batch: int = 0    # images per sampling run; 0 = 64 on CUDA, 16 on CPU
-    warmup: int = 0          # untimed runs before each timing; 0 = 3 on CUDA, 1 on CPU
-    repeats: int = 0         # timed runs whose median is reported; 0 = 10 on CUDA, 3 on CPU
-    quick: bool = False      # DDPM runs a T = ddpm_steps schedule; its time is extrapolated to T = 1000
-    ddpm_steps: int = 100    # DDPM steps actually run with quick
-    compile: bool = True     # measure torch.compile (CUDA only; compiling takes a minute)
-    tiny: bool = False       # tiny U-Net, batch 2, 16x16 images, 2 repeats, quick: all in seconds
-    seed: int = 0            # seeds weights, inputs and noise
-    out: str = "bench.json"  # where the JSON goes
+    device: str = "auto"             # auto | cpu | cuda
+    preset: str | None = None        # train_small.py preset whose U-Net is measured; None: small on CUDA, else cpu
+    image_size: int | None = None    # pixels per side; None: the preset's (32 for cpu, 64 for small)
+    batch_size: int | None = None    # images per training step; None: the preset's
+    sample_batch: int | None = None  # images per sampling run; None: 64 on CUDA, 16 on CPU
+    warmup: int | None = None        # untimed runs before each timing; None: 3 on CUDA, 1 on CPU
+    repeats: int | None = None       # timed runs whose median is reported; None: 10 on CUDA, 3 on CPU
+    quick: bool = False              # DDPM runs a T = ddpm_steps schedule; its time is extrapolated to T = 1000
+    ddpm_steps: int = 100            # DDPM steps actually run with quick
+    compile: bool = True             # measure torch.compile (CUDA only; compiling takes a minute)
+    tiny: bool = False               # tiny U-Net, batch 2, 16x16 images, 2 repeats, quick: all in seconds
+    seed: int = 0                    # seeds weights, inputs and noise
+    out: str = "bench.json"          # where the JSON goes
+    # None fields are filled in by resolve(), from the device and the preset
 
 
 def figure(value, unit, note=""):
@@ -72,34 +78,20 @@ def median_time(fn, device, warmup, repeats):
     return statistics.median(times)
 
 
-def autocast(precision):
-    """bf16 autocast (what train_small.py trains with on CUDA), or nothing for fp32."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-
-
 # ----------------------------------------------------------------------------------------------
 # The U-Net of a train_small.py preset, and one training step of it
 
 def preset_config(preset):
-    """The TrainConfig of a preset, filled in exactly as train_small.py (beside the package) does."""
-    path = Path(__file__).resolve().parent.parent / "train_small.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"the bench reads the presets from {path}, which does not exist")
-    spec = importlib.util.spec_from_file_location("train_small", path)
-    train_small = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_small)
+    """The TrainConfig of a train_small.py preset, filled in as train_small.py fills it in."""
     if preset not in train_small.PRESETS:
         raise ValueError(f"--preset must be one of {sorted(train_small.PRESETS)}; got {preset!r}")
-    return train_small.TrainConfig(**train_small.PRESETS[preset], preset=preset)
+    return train_small.parse_args(["--preset", preset])
 
 
 def unet_config(train_cfg, channels):
     """The UNetConfig train_small.py builds, with `channels` in and out (4: latents, 3: pixels)."""
-    return UNetConfig(in_channels=channels, out_channels=channels, model_channels=train_cfg.unet_channels,
-                      channel_mult=train_cfg.unet_mult, num_res_blocks=train_cfg.unet_res_blocks,
-                      attention_levels=train_cfg.unet_attention, num_heads=train_cfg.heads,
-                      context_dim=train_cfg.text_width, num_groups=min(32, train_cfg.unet_channels // 4),
-                      pooled_context=train_cfg.pooled_context, coord_channels=train_cfg.coord_channels)
+    _, _, unet_cfg, _ = train_small.component_configs(train_cfg, train_cfg.vocab_size)
+    return replace(unet_cfg, in_channels=channels, out_channels=channels)
 
 
 def build_unet(cfg, device, generator):
@@ -120,7 +112,7 @@ def training_step(model, module, s, x0, precision):
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
 
     def loss_fn():
-        with autocast(precision):
+        with autocast(s.device, enabled=precision == "bf16"):
             return diffusion_loss(model, s.schedule, x0, s.context, generator=s.generator)  # DDPM Eq. 14
 
     def step():
@@ -226,7 +218,7 @@ def bench_sampling(s):
     uncond_context = torch.randn(B, L, d, generator=s.cpu_generator).to(s.device)  # c_u (B, L, d)
 
     def sample(sampler, schedule, **kwargs):
-        with autocast(s.precision):
+        with autocast(s.device, enabled=s.precision == "bf16"):
             sampler(s.unet, schedule, shape, context, uncond_context, guidance_scale=3.0,
                     generator=s.generator, **kwargs)
 
@@ -235,7 +227,7 @@ def bench_sampling(s):
     ddim = median_time(lambda: sample(ddim_sample, s.schedule, steps=50), s.device, 0, repeats)
     T = s.schedule.T
     if s.bc.quick:  # the same sampler over a shorter schedule: the time per step is the same
-        dc = DiffusionConfig()
+        dc = s.diffusion_cfg
         short = NoiseSchedule(make_beta_schedule(dc.schedule, s.bc.ddpm_steps, dc.beta_start, dc.beta_end)).to(s.device)
         ddpm = median_time(lambda: sample(ddpm_sample, short), s.device, 0, 1) * T / s.bc.ddpm_steps
         ddpm_note = f"EXTRAPOLATED: {s.bc.ddpm_steps} steps run, time x {T / s.bc.ddpm_steps:g} (quick)"
@@ -267,7 +259,7 @@ def bench_attention(s):
         unet.set_fused_attention(fused)
 
         def forward_backward():
-            with autocast(s.precision):
+            with autocast(s.device, enabled=s.precision == "bf16"):
                 out = unet(x0, t, s.context)
             out.float().square().mean().backward()
             unet.zero_grad(set_to_none=True)
@@ -288,7 +280,7 @@ def bench_attention(s):
     fn_seconds = {}
     for fused in (False, True):
         def attend(fused=fused):
-            with autocast(s.precision):
+            with autocast(s.device, enabled=s.precision == "bf16"):
                 out = attention(q, k, v, fused=fused)
             out.float().sum().backward()
 
@@ -399,49 +391,54 @@ def add_arguments(parser):
     """Add the bench options (the fields of BenchConfig) to an argparse (sub)parser."""
     add = parser.add_argument
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to measure")
-    add("--preset", default="", help="train_small.py preset whose U-Net is measured (default: small on CUDA, "
-                                     "cpu on CPU)")
-    add("--image-size", type=int, default=0, help="pixels per side (default: the preset's)")
-    add("--batch-size", type=int, default=0, help="images per training step (default: the preset's)")
-    add("--sample-batch", type=int, default=0, help="images per sampling run (default: 64 on CUDA, 16 on CPU)")
-    add("--warmup", type=int, default=0, help="untimed runs before each timing (default: 3 on CUDA, 1 on CPU)")
-    add("--repeats", type=int, default=0, help="timed runs, median reported (default: 10 on CUDA, 3 on CPU)")
+    add("--preset", help="train_small.py preset whose U-Net is measured: tiny, cpu or small (default: small on "
+                         "CUDA, cpu on CPU; tiny with --tiny)")
+    add("--image-size", type=int, help="pixels per side (default: the preset's; 16 with --tiny)")
+    add("--batch-size", type=int, help="images per training step (default: the preset's; 2 with --tiny)")
+    add("--sample-batch", type=int, help="images per sampling run (default: 64 on CUDA, 16 on CPU; 2 with --tiny)")
+    add("--warmup", type=int, help="untimed runs before each timing (default: 3 on CUDA, 1 on CPU and with --tiny)")
+    add("--repeats", type=int, help="timed runs, median reported (default: 10 on CUDA, 3 on CPU; 2 with --tiny)")
     add("--quick", action="store_true", help="run --ddpm-steps DDPM steps and extrapolate the time to 1000")
     add("--ddpm-steps", type=int, default=100, help="DDPM steps actually run with --quick")
     add("--no-compile", dest="compile", action="store_false", help="skip the torch.compile figures (CUDA)")
-    add("--tiny", action="store_true", help="tiny U-Net and batch, few repeats: the whole bench in seconds")
+    add("--tiny", action="store_true", help="tiny U-Net and batch, few repeats, --quick: the whole bench in seconds")
     add("--seed", type=int, default=0, help="seeds weights, inputs and noise")
     add("--out", default="bench.json", help="JSON output path")
     return parser
 
 
 def resolve(bc):
-    """Fill in the defaults that depend on the device and the preset; check every value."""
+    """Fill in the None fields of `bc` from the device and the preset, and check every value.
+    Returns (device, the preset's TrainConfig, its component configs)."""
     if bc.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda; got {bc.device!r}")
-    if bc.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for, but torch.cuda.is_available() is False")
-    cuda = bc.device == "cuda" or (bc.device == "auto" and torch.cuda.is_available())
-    bc.preset = bc.preset or ("tiny" if bc.tiny else "small" if cuda else "cpu")
+    device = pick_device(bc.device)  # a ValueError for cuda on a machine without one
+    cuda = device.type == "cuda"
+    if bc.preset is None:
+        bc.preset = "tiny" if bc.tiny else "small" if cuda else "cpu"
     train_cfg = preset_config(bc.preset)
     if bc.tiny:  # smaller still than the tiny preset, so that the test runs the whole bench in seconds
         train_cfg.unet_channels, train_cfg.text_width, train_cfg.max_length = 16, 32, 8
-        bc.image_size, bc.batch_size, bc.sample_batch = bc.image_size or 16, bc.batch_size or 2, bc.sample_batch or 2
-        bc.warmup, bc.repeats, bc.quick, bc.ddpm_steps = bc.warmup or 1, bc.repeats or 2, True, min(bc.ddpm_steps, 10)
-    bc.image_size = bc.image_size or train_cfg.image_size
-    bc.batch_size = bc.batch_size or train_cfg.batch_size
-    bc.sample_batch = bc.sample_batch or (64 if cuda else 16)
-    bc.warmup = bc.warmup or (3 if cuda else 1)
-    bc.repeats = bc.repeats or (10 if cuda else 3)
+        bc.quick, bc.ddpm_steps = True, min(bc.ddpm_steps, 10)
+    auto = {"image_size": 16 if bc.tiny else train_cfg.image_size,
+            "batch_size": 2 if bc.tiny else train_cfg.batch_size,
+            "sample_batch": 2 if bc.tiny else 64 if cuda else 16,
+            "warmup": 1 if bc.tiny else 3 if cuda else 1,
+            "repeats": 2 if bc.tiny else 10 if cuda else 3}
+    for name, value in auto.items():
+        if getattr(bc, name) is None:
+            setattr(bc, name, value)
     for name in ("image_size", "batch_size", "sample_batch", "warmup", "repeats", "ddpm_steps"):
         if getattr(bc, name) < 1:
             raise ValueError(f"{name} must be >= 1; got {getattr(bc, name)}")
-    f = 2 ** (len(train_cfg.ae_mult) - 1)  # the autoencoder's downsampling factor
-    multiple = f * 2 ** (len(train_cfg.unet_mult) - 1)
+    configs = train_small.component_configs(train_cfg, train_cfg.vocab_size)
+    _, ae_cfg, unet_cfg, _ = configs
+    f = ae_cfg.downsample_factor
+    multiple = f * 2 ** (len(unet_cfg.channel_mult) - 1)
     if bc.image_size % multiple:
         raise ValueError(f"image_size must be a multiple of {multiple} (f = {f} times the U-Net's "
                          f"downsampling); got {bc.image_size}")
-    return torch.device("cuda" if cuda else "cpu"), train_cfg, f
+    return device, train_cfg, configs
 
 
 def cpu_name():
@@ -461,14 +458,13 @@ def print_table(figures):
 
 def setup(bc):
     """Resolve `bc` (a BenchConfig) and build the state that every benchmark reads and fills in."""
-    device, train_cfg, f = resolve(bc)
+    device, train_cfg, (_, ae_cfg, unet_cfg, dc) = resolve(bc)
     torch.manual_seed(bc.seed)
     if device.type == "cuda":  # as train_small.py
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    dc = DiffusionConfig()
     cpu_generator = torch.Generator().manual_seed(bc.seed)  # weights and inputs: drawn on the CPU, then moved
     return SimpleNamespace(
-        bc=bc, device=device, train_cfg=train_cfg, unet_cfg=unet_config(train_cfg, 4), f=f,
+        bc=bc, device=device, train_cfg=train_cfg, unet_cfg=unet_cfg, diffusion_cfg=dc, f=ae_cfg.downsample_factor,
         precision="bf16" if device.type == "cuda" else "fp32", cpu_generator=cpu_generator,
         generator=torch.Generator(device).manual_seed(bc.seed),  # t, ε, x_T in the loss and samplers
         schedule=NoiseSchedule(make_beta_schedule(dc.schedule, dc.T, dc.beta_start, dc.beta_end)).to(device),
@@ -510,3 +506,12 @@ def run(args):
     Path(bc.out).write_text(json.dumps(results, indent=2, default=str))
     print(f"wrote {bc.out}")
     return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return run(add_arguments(parser).parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
