@@ -7,6 +7,8 @@ log-probabilities, finite differences for the gradient, float64 recomputation fo
 """
 
 import copy
+import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -20,10 +22,12 @@ from tinyldm.classifier import (
     LatentClassifier,
     accuracy_by_timestep,
     classifier_loss,
+    classifier_targets,
     labels_from_scenes,
+    load_classifier,
     log_prob,
     make_classifier_grad,
-    classifier_targets,
+    save_classifier,
 )
 from tinyldm.data import (
     COLOUR_NAMES,
@@ -39,7 +43,9 @@ from tinyldm.diffusion import (
     classifier_guidance,
     ddim_sample,
     ddpm_sample,
+    draw_t_and_eps,
     make_beta_schedule,
+    make_guided_eps,
 )
 
 TINY = ClassifierConfig(in_channels=4, channels=16, channel_mult=(1, 2), num_groups=4, time_dim=32)
@@ -122,6 +128,21 @@ def test_loss_is_the_summed_cross_entropy_and_reaches_every_parameter(schedule):
     assert dead == []
     with pytest.raises(ValueError, match="LongTensor of shape"):
         classifier_loss(classifier, schedule, z0, labels[:, :3])
+
+
+def test_loss_draws_t_and_eps_as_the_diffusion_loss_does(schedule):
+    """Without t and ε, classifier_loss draws them with diffusion.draw_t_and_eps (t first, then ε, from the
+    one generator), so that the classifier's training sees the diffusion model's own (t, ε) distribution."""
+    torch.manual_seed(0)
+    classifier = LatentClassifier(TINY)
+    z0, labels = synthetic_latents(6, torch.Generator().manual_seed(8))
+    g = torch.Generator().manual_seed(9)
+    drawn, _ = classifier_loss(classifier, schedule, z0, labels, generator=g)
+    reference = torch.Generator().manual_seed(9)
+    t, eps = draw_t_and_eps(schedule, z0, reference)
+    given, _ = classifier_loss(classifier, schedule, z0, labels, t=t, eps=eps)
+    assert torch.equal(drawn, given)
+    assert torch.equal(g.get_state(), reference.get_state())  # and nothing else was drawn
 
 
 def test_log_prob_matches_categorical_with_per_image_targets():
@@ -230,7 +251,8 @@ def test_scale_zero_equals_unguided_sampling(trained):
     shape = (2, 4, 8, 8)
     for sample, kwargs in ((ddim_sample, {"steps": 10, "eta": 0.5}), (ddpm_sample, {})):
         def run(sample=sample, kwargs=kwargs, **guidance):
-            return sample(model, schedule, shape, generator=torch.Generator().manual_seed(6), **kwargs, **guidance)
+            eps_fn = make_guided_eps(model, schedule, **guidance)
+            return sample(eps_fn, schedule, shape, generator=torch.Generator().manual_seed(6), **kwargs)
 
         plain = run()
         assert torch.equal(run(classifier_grad=grad_fn, classifier_scale=0.0), plain)
@@ -254,6 +276,31 @@ def test_brief_training_beats_chance_and_accuracy_falls_with_t(trained, schedule
     assert len(accuracy_by_timestep(classifier, schedule, z0[:8], labels[:8], 4)["shape"]) == 4
     with pytest.raises(ValueError, match="t_bins"):
         accuracy_by_timestep(classifier, schedule, z0, labels, [0, 500, 400])
+
+
+def test_save_and_load_beside_the_model(trained, tmp_path):
+    """save_classifier writes classifier.json + classifier.pt; load_classifier rebuilds the same network in eval
+    mode. A run folder without a classifier gives None; one saved in the older layout (the classifier inside
+    model.json and model.pt) loads too."""
+    classifier = trained[0]
+    z_t, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(10)), torch.tensor([10, 600])
+    assert load_classifier(tmp_path) is None
+    save_classifier(classifier, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"classifier.json", "classifier.pt"}
+    loaded = load_classifier(tmp_path)
+    assert not loaded.training and loaded.cfg == classifier.cfg
+    with torch.no_grad():
+        for name in HEADS:
+            assert torch.equal(loaded(z_t, t)[name], classifier(z_t, t)[name])
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "model.json").write_text(json.dumps({"unet": {}, "classifier": dataclasses.asdict(classifier.cfg)}))
+    torch.save({"unet": {}, "classifier": classifier.state_dict()}, old / "model.pt")
+    with torch.no_grad():
+        assert torch.equal(load_classifier(old)(z_t, t)["shape"], classifier(z_t, t)["shape"])
+    (old / "model.json").write_text(json.dumps({"unet": {}, "classifier": None}))
+    assert load_classifier(old) is None
 
 
 def test_labels_from_scenes_and_classifier_targets():

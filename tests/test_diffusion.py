@@ -12,6 +12,7 @@ from torch.distributions import Normal
 
 from tinyldm.diffusion import (
     SCHEDULE_KINDS,
+    DiffusionConfig,
     NoiseSchedule,
     classifier_free_guidance,
     classifier_guidance,
@@ -19,7 +20,9 @@ from tinyldm.diffusion import (
     ddim_timesteps,
     ddpm_sample,
     diffusion_loss,
+    draw_t_and_eps,
     make_beta_schedule,
+    make_guided_eps,
     training_timesteps,
 )
 
@@ -38,7 +41,7 @@ def schedule():
 
 class ClosedFormSchedule(NoiseSchedule):
     """A NoiseSchedule whose q_sample, ddpm_step and ddim_step are the papers' closed forms written out
-    here (no clipping), so that the loss and the sampling loops (assignment 8) are graded on their own,
+    here, so that the loss and the sampling loops (assignment 8) are graded on their own,
     without the student's assignments 1–3."""
 
     def _alpha_bar(self, t, x):
@@ -51,7 +54,7 @@ class ClosedFormSchedule(NoiseSchedule):
         a = self._alpha_bar(t, x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * eps  # DDPM Eq. 4
 
-    def ddim_step(self, x_t, t, t_prev, eps, eta=0.0, noise=None, generator=None, clip_x0=None):
+    def ddim_step(self, x_t, t, t_prev, eps, eta=0.0, noise=None, generator=None):
         a, a_prev = self._alpha_bar(t, x_t), self._alpha_bar(t_prev, x_t)
         x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()  # DDPM Eq. 15
         sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()  # DDIM Eq. 16
@@ -61,7 +64,7 @@ class ClosedFormSchedule(NoiseSchedule):
             x_prev = x_prev + sigma * noise
         return x_prev
 
-    def ddpm_step(self, x_t, t, eps, noise=None, generator=None, clip_x0=None):
+    def ddpm_step(self, x_t, t, eps, noise=None, generator=None):
         return self.ddim_step(x_t, t, t - 1, eps, eta=1.0, noise=noise, generator=generator)  # DDIM, η = 1: DDPM
 
 
@@ -118,12 +121,11 @@ def test_schedule_shapes_dtypes_and_buffers(kind):
     s = NoiseSchedule(betas)
     assert s.T == T
     names = ["betas", "alphas", "alpha_bars", "alpha_bars_prev", "sqrt_alpha_bars", "sqrt_one_minus_alpha_bars",
-             "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef_x0", "posterior_mean_coef_xt"]
+             "posterior_variance", "posterior_mean_coef_x0", "posterior_mean_coef_xt"]
     for name in names:
         buf = getattr(s, name)
         assert buf.shape == (T,) and buf.dtype == torch.float32, name
     assert len(s.state_dict()) == 0  # derived from betas, so nothing is saved
-    assert torch.isfinite(s.posterior_log_variance_clipped).all()
 
 
 @pytest.mark.assignment(1)
@@ -166,6 +168,15 @@ def test_cosine_schedule_follows_closed_form():
     unclipped = torch.cumprod(betas < 0.999, 0).bool()  # every β up to t unclipped
     assert unclipped.sum() >= T - 1
     assert torch.allclose(alpha_bars[unclipped], expected[unclipped], rtol=1e-9, atol=0)
+
+
+def test_diffusion_config_checks_its_fields():
+    """DiffusionConfig rejects an unknown schedule or prediction, and shares outside their ranges."""
+    for bad, message in ((dict(schedule="quadratic"), "schedule"), (dict(prediction="x0"), "prediction"),
+                         (dict(p_uncond=1.0), "p_uncond"), (dict(p_noisy_t=2.0), "p_noisy_t"),
+                         (dict(noisy_t_from=1.0), "noisy_t_from")):
+        with pytest.raises(ValueError, match=message):
+            DiffusionConfig(**bad)
 
 
 def test_unknown_kind_raises_and_lists_kinds():
@@ -296,33 +307,6 @@ def test_ddim_eta1_one_step_equals_ddpm_step(schedule):
     assert not torch.allclose(ddim[1:], ddim_without_noise[1:])  # η = 1 does add noise for t > 0
 
 
-def clip_inputs(schedule):
-    """x_t large enough that x̂0 leaves [−1, 1], steps t (with t = 0 first), ε, z and the clamped x̂0."""
-    g = torch.Generator().manual_seed(17)
-    x_t, eps, z = (torch.randn(4, 2, 4, 4, generator=g) for _ in range(3))
-    t = torch.tensor([0, 5, 300, 999])
-    return 3 * x_t, t, eps, z, schedule.predict_x0(3 * x_t, t, eps).clamp(-1, 1)
-
-
-@pytest.mark.assignment(2)
-def test_ddpm_step_clip_x0_clamps_the_prediction(schedule):
-    """clip_x0 clamps x̂0 to [−c, c] before the posterior: x_{t−1} = μ̃_t(x_t, clamp(x̂0)) + √β̃_t·z."""
-    x_t, t, eps, z, clamped = clip_inputs(schedule)
-    ddpm = schedule.ddpm_step(x_t, t, eps, noise=z, clip_x0=1.0)
-    assert torch.allclose(ddpm.double(), posterior_step(schedule, x_t, t, clamped, z), atol=1e-4)
-    assert torch.allclose(ddpm[0], clamped[0], atol=1e-5)  # the last step returns clamp(x̂0)
-    assert not torch.allclose(ddpm, schedule.ddpm_step(x_t, t, eps, noise=z))  # clipping did something
-
-
-@pytest.mark.assignment(3)
-def test_ddim_step_clip_x0_clamps_the_prediction(schedule):
-    """clip_x0 clamps x̂0: the last step (ᾱ_prev = 1) returns clamp(x̂0), and η = 1 is still DDPM's step."""
-    x_t, t, eps, z, clamped = clip_inputs(schedule)
-    assert torch.allclose(schedule.ddim_step(x_t, t, -1, eps, clip_x0=1.0), clamped, atol=1e-5)
-    ddim = schedule.ddim_step(x_t, t, t - 1, eps, eta=1.0, noise=z, clip_x0=1.0)
-    assert torch.allclose(ddim.double(), posterior_step(schedule, x_t, t, clamped, z), atol=1e-4)
-
-
 # --- guidance ---------------------------------------------------------------------------------
 
 
@@ -366,13 +350,60 @@ def test_classifier_guided_sampler(schedule):
         calls.append(t)
         return log_p_y_grad(x_t, t)
 
-    plain = ddim_sample(model, schedule, (512, 1), x_T=x_T, steps=20)
-    zero = ddim_sample(model, schedule, (512, 1), x_T=x_T, steps=20, classifier_grad=counted_grad, classifier_scale=0.0)
+    plain = ddim_sample(make_guided_eps(model, schedule), schedule, (512, 1), x_T=x_T, steps=20)
+    zero = ddim_sample(make_guided_eps(model, schedule, classifier_grad=counted_grad, classifier_scale=0.0),
+                       schedule, (512, 1), x_T=x_T, steps=20)
     assert torch.equal(plain, zero) and calls == []
-    guided = ddim_sample(model, schedule, (512, 1), x_T=x_T, steps=20,
-                         classifier_grad=counted_grad, classifier_scale=1.0)
+    guided = ddim_sample(make_guided_eps(model, schedule, classifier_grad=counted_grad, classifier_scale=1.0),
+                         schedule, (512, 1), x_T=x_T, steps=20)
     assert len(calls) == 20 and calls[0].shape == (512,)
     assert guided.mean() > plain.mean() + 0.2
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_guided_eps_is_the_model_then_cfg_then_classifier_guidance(schedule, prediction):
+    """eps_fn(x_t, t) = Guided Eq. 14 applied to CFG Eq. 6 of the model's ε(c) and ε(c_u) (a v output turned
+    into ε first), bit for bit; the model sees t as a LongTensor (B,), the classifier gets x_t and that t."""
+    g = torch.Generator().manual_seed(18)
+    cond, uncond = torch.randn(3, 2, generator=g), torch.randn(3, 2, generator=g)
+    seen = []
+
+    def model(x_t, t, context):
+        seen.append(t)
+        return 0.3 * x_t * (1 + t[:, None] / T) + context
+
+    x_t, t = torch.randn(3, 2, generator=g), 420
+    eps_fn = make_guided_eps(model, schedule, cond, uncond, 2.5, log_p_y_grad, 1.5, prediction)
+    t_batch = torch.full((3,), t)
+
+    def as_eps(out):
+        return schedule.eps_from_v(x_t, t, out) if prediction == "v" else out
+
+    cfg = classifier_free_guidance(as_eps(model(x_t, t_batch, cond)), as_eps(model(x_t, t_batch, uncond)), 2.5)
+    expected = classifier_guidance(schedule, cfg, t, log_p_y_grad(x_t, t_batch), 1.5)
+    assert torch.equal(eps_fn(x_t, t), expected)
+    assert all(s.dtype == torch.long and torch.equal(s, t_batch) for s in seen)
+    eps_c = as_eps(model(x_t, t_batch, cond))
+    assert torch.equal(make_guided_eps(model, schedule, cond, uncond, 1.0, None, 0.0, prediction)(x_t, t), eps_c)
+
+
+def test_samplers_are_the_loop_over_eps_fn(schedule):
+    """ddpm_sample and ddim_sample are x_T ~ N(0, I), then one step per t with eps_fn's ε: the same generator
+    gives bit for bit the loop written out here (the starting noise first, then each step's noise)."""
+    small = NoiseSchedule(linear_betas(30, 1e-3, 0.2))
+    eps_fn = make_guided_eps(gaussian_oracle(small, 0.5, 0.7), small)
+    shape = (4, 3)
+    g = torch.Generator().manual_seed(19)
+    x_t = torch.randn(shape, generator=g)
+    for t in range(small.T - 1, -1, -1):
+        x_t = small.ddpm_step(x_t, t, eps_fn(x_t, t), generator=g)
+    assert torch.equal(ddpm_sample(eps_fn, small, shape, generator=torch.Generator().manual_seed(19)), x_t)
+    g = torch.Generator().manual_seed(20)
+    x_t, steps = torch.randn(shape, generator=g), ddim_timesteps(small.T, 6)
+    for t, t_prev in zip(steps, steps[1:] + [-1]):
+        x_t = small.ddim_step(x_t, t, t_prev, eps_fn(x_t, t), eta=0.5, generator=g)
+    assert torch.equal(ddim_sample(eps_fn, small, shape, steps=6, eta=0.5,
+                                   generator=torch.Generator().manual_seed(20)), x_t)
 
 
 def test_score_eps_round_trip_and_closed_form(schedule):
@@ -391,13 +422,12 @@ def test_score_eps_round_trip_and_closed_form(schedule):
 
 
 def test_v_conversions_round_trip_and_match_velocity(schedule):
-    """v-pred: v = √ᾱ·ε − √(1−ᾱ)·x0 = dz/dφ for z = cos φ·x0 + sin φ·ε; ε and x0 are recovered from (x_t, v)."""
+    """v-pred: v = √ᾱ·ε − √(1−ᾱ)·x0 = dz/dφ for z = cos φ·x0 + sin φ·ε; ε is recovered from (x_t, v)."""
     g = torch.Generator().manual_seed(11)
     x0, eps = torch.randn(4, 2, 3, 3, generator=g), torch.randn(4, 2, 3, 3, generator=g)
     t = torch.tensor([0, 250, 700, 999])
     x_t, v = forward(schedule, x0, t, eps), schedule.v_from_eps_x0(x0, eps, t)
     assert torch.allclose(schedule.eps_from_v(x_t, t, v), eps, atol=1e-5)
-    assert torch.allclose(schedule.x0_from_v(x_t, t, v), x0, atol=1e-5)
     ab = schedule.alpha_bars[t].double()
     phi = torch.atan2((1 - ab).sqrt(), ab.sqrt())  # cos φ = √ᾱ, sin φ = √(1−ᾱ)
     b = (slice(None), None, None, None)
@@ -424,7 +454,8 @@ def test_ddpm_sample_recovers_gaussian_toy():
     """DDPM Alg. 2 with the exact ε for data N(1.5, 0.5²): 4000 samples have mean ≈ 1.5 and std ≈ 0.5."""
     schedule = ClosedFormSchedule(linear_betas(T))
     model = gaussian_oracle(schedule, 1.5, 0.5)
-    x0 = ddpm_sample(model, schedule, (4000, 1), generator=torch.Generator().manual_seed(12))
+    x0 = ddpm_sample(make_guided_eps(model, schedule), schedule, (4000, 1),
+                     generator=torch.Generator().manual_seed(12))
     assert x0.dtype == torch.float32
     assert abs(x0.mean().item() - 1.5) < 0.05 and abs(x0.std().item() - 0.5) < 0.05
 
@@ -440,18 +471,19 @@ def test_ddim_sample_recovers_gaussian_toy_eps_and_v():
         eps = eps_model(x_t, t, context)
         return schedule.v_from_eps_x0(schedule.predict_x0(x_t, t, eps), eps, t)
 
-    x0 = ddim_sample(eps_model, schedule, (4000, 2), generator=torch.Generator().manual_seed(13), steps=50)
+    x0 = ddim_sample(make_guided_eps(eps_model, schedule), schedule, (4000, 2),
+                     generator=torch.Generator().manual_seed(13), steps=50)
     assert (x0.mean(0) - mu).abs().max() < 0.05 and (x0.std(0) - sigma).abs().max() < 0.05
-    x0_v = ddim_sample(v_model, schedule, (4000, 2), generator=torch.Generator().manual_seed(13), steps=50,
-                       prediction="v")
+    x0_v = ddim_sample(make_guided_eps(v_model, schedule, prediction="v"), schedule, (4000, 2),
+                       generator=torch.Generator().manual_seed(13), steps=50)
     assert torch.allclose(x0_v, x0, atol=1e-3)
 
 
 def test_ddim_all_steps_eta1_equals_ddpm_sample(schedule):
     """steps = T, η = 1: DDIM is DDPM's ancestral sampler (same generator → same draws → same samples)."""
-    model = gaussian_oracle(schedule, 1.5, 0.5)
-    ddpm = ddpm_sample(model, schedule, (64, 1), generator=torch.Generator().manual_seed(14))
-    ddim = ddim_sample(model, schedule, (64, 1), generator=torch.Generator().manual_seed(14), steps=T, eta=1.0)
+    eps_fn = make_guided_eps(gaussian_oracle(schedule, 1.5, 0.5), schedule)
+    ddpm = ddpm_sample(eps_fn, schedule, (64, 1), generator=torch.Generator().manual_seed(14))
+    ddim = ddim_sample(eps_fn, schedule, (64, 1), generator=torch.Generator().manual_seed(14), steps=T, eta=1.0)
     assert torch.allclose(ddpm, ddim, atol=1e-4)
 
 
@@ -459,9 +491,9 @@ def test_ddim_all_steps_eta1_equals_ddpm_sample(schedule):
 def test_samplers_reproducible_with_generator():
     """The same generator seed gives the same sample (DDPM and stochastic DDIM), another seed a different one."""
     small = ClosedFormSchedule(linear_betas(50, 1e-3, 0.2))
-    model = gaussian_oracle(small, 0.0, 1.0)
+    eps_fn = make_guided_eps(gaussian_oracle(small, 0.0, 1.0), small)
     for sample, kwargs in ((ddpm_sample, {}), (ddim_sample, {"steps": 10, "eta": 0.5})):
-        a, b, c = (sample(model, small, (2, 3, 4, 4), generator=torch.Generator().manual_seed(seed), **kwargs)
+        a, b, c = (sample(eps_fn, small, (2, 3, 4, 4), generator=torch.Generator().manual_seed(seed), **kwargs)
                    for seed in (0, 0, 1))
         assert a.shape == (2, 3, 4, 4) and a.dtype == small.betas.dtype
         assert torch.equal(a, b) and not torch.allclose(a, c)
@@ -485,17 +517,18 @@ def test_sampler_cfg_calls_and_context_passthrough(monkeypatch):
         return 0.1 * x_t + (0.3 if context is cond else -0.2)
 
     x_T = torch.randn(2, 2, generator=torch.Generator().manual_seed(15))
-    ddim_sample(model, small, (2, 2), context=cond, uncond_context=uncond, guidance_scale=1.0, x_T=x_T, steps=5)
+    ddim_sample(make_guided_eps(model, small, cond, uncond, guidance_scale=1.0), small, (2, 2), x_T=x_T, steps=5)
     assert calls == [True] * 5
     calls.clear()
-    guided = ddim_sample(model, small, (2, 2), context=cond, uncond_context=uncond, guidance_scale=4.0,
+    guided = ddim_sample(make_guided_eps(model, small, cond, uncond, guidance_scale=4.0), small, (2, 2),
                          x_T=x_T, steps=5)
     assert calls.count(True) == 5 and calls.count(False) == 5
 
     def model_cfg(x_t, t, context):  # what CFG with s = 4 must amount to: ε_u + 4·(ε_c − ε_u)
         return 0.1 * x_t - 0.2 + 4.0 * 0.5
 
-    assert torch.allclose(guided, ddim_sample(model_cfg, small, (2, 2), x_T=x_T, steps=5), atol=1e-5)
+    assert torch.allclose(guided, ddim_sample(make_guided_eps(model_cfg, small), small, (2, 2), x_T=x_T, steps=5),
+                          atol=1e-5)
 
 
 @pytest.mark.assignment(8)
@@ -509,7 +542,7 @@ def test_callback_sees_every_step_and_ddim_timesteps():
             ddim_timesteps(1000, bad)
     small = ClosedFormSchedule(linear_betas(100))
     seen = []
-    ddim_sample(gaussian_oracle(small, 0.0, 1.0), small, (3, 2), steps=7,
+    ddim_sample(make_guided_eps(gaussian_oracle(small, 0.0, 1.0), small), small, (3, 2), steps=7,
                 callback=lambda i, t, x_t, x0_pred: seen.append((i, t, x0_pred.shape)))
     assert seen == [(i, t, (3, 2)) for i, t in enumerate(ddim_timesteps(100, 7))]
 
@@ -529,9 +562,9 @@ def test_q_sample_rejects_bad_timesteps(schedule):
 def test_bad_inputs_raise(schedule):
     """Clear ValueErrors: unknown prediction, wrong x_T shape, betas outside (0, 1)."""
     with pytest.raises(ValueError):
-        ddim_sample(lambda x_t, t, c: x_t, schedule, (2, 3), prediction="x0")
+        make_guided_eps(lambda x_t, t, c: x_t, schedule, prediction="x0")
     with pytest.raises(ValueError):
-        ddim_sample(lambda x_t, t, c: x_t, schedule, (2, 3), x_T=torch.zeros(2, 4))
+        ddim_sample(lambda x_t, t: x_t, schedule, (2, 3), x_T=torch.zeros(2, 4))
     with pytest.raises(ValueError):
         NoiseSchedule(torch.tensor([0.1, 1.5]))
 
@@ -565,6 +598,20 @@ def test_diffusion_loss_oracle_zero_model_and_gradients():
     assert weight.grad is not None and weight.grad.abs() > 0
     manual = ((0 * schedule.q_sample(x0, t, eps) - eps) ** 2).mean()  # weight is 0
     assert torch.allclose(loss.detach(), manual)
+
+
+def test_draw_t_and_eps_draws_t_then_eps():
+    """draw_t_and_eps draws t ~ U{0..T-1} (training_timesteps) and then ε ~ N(0, I) from one generator, in that
+    order; a given t (int or (B,)) becomes a LongTensor (B,), and a given ε is used as it is."""
+    schedule = NoiseSchedule(linear_betas(T))
+    x0 = torch.zeros(5, 2, 3)
+    t, eps = draw_t_and_eps(schedule, x0, torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    assert torch.equal(t, training_timesteps(T, 5, generator=g))
+    assert torch.equal(eps, torch.randn(x0.shape, generator=g))
+    given = torch.ones_like(x0)
+    t, eps = draw_t_and_eps(schedule, x0, t=7, eps=given)
+    assert t.dtype == torch.long and t.tolist() == [7] * 5 and eps is given
 
 
 def test_training_timesteps_uniform_and_noisy_end():

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tinyldm.autoencoder import AutoencoderConfig
-from tinyldm.ldm import DiffusionConfig, LatentDiffusion
+from tinyldm.diffusion import DiffusionConfig
+from tinyldm.ldm import LatentDiffusion
 from tinyldm.text_encoder import TextEncoderConfig, train_tokenizer
 from tinyldm.unet import UNetConfig
 
@@ -124,6 +125,22 @@ def test_save_and_load_round_trip(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary files left behind
 
 
+def test_load_leaves_other_entries_of_the_run_folder_alone(tmp_path):
+    """A run folder whose model.json and model.pt also hold a classifier (the layout before the classifier
+    had its own files) still loads: load() reads the four components' entries and nothing else."""
+    model = tiny_model()
+    model.save(tmp_path)
+    cfg = json.loads((tmp_path / "model.json").read_text())
+    (tmp_path / "model.json").write_text(json.dumps(dict(cfg, classifier={"channels": 16})))
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    torch.save(dict(state, classifier={"conv_in.weight": torch.zeros(1)}), tmp_path / "model.pt")
+    loaded = LatentDiffusion.load(tmp_path)
+    assert not hasattr(loaded, "classifier")
+    for name in ("text_encoder", "autoencoder", "unet"):
+        for key, value in getattr(model, name).state_dict().items():
+            assert torch.equal(getattr(loaded, name).state_dict()[key], value), (name, key)
+
+
 def test_generate_validates_and_guidance_changes_the_result():
     """Unknown sampler is an error; guidance scale 1 vs 5 give different images; DDPM runs all T."""
     model = tiny_model()
@@ -134,7 +151,7 @@ def test_generate_validates_and_guidance_changes_the_result():
         model.generate(["a red circle"], sampler="euler")
     model.train()
     with pytest.raises(ValueError, match="classifier"):
-        model.generate(["a red circle"], classifier_scale=2.0)  # no classifier in this model
+        model.generate(["a red circle"], classifier_scale=2.0)  # no classifier_grad to guide with
     assert model.training  # a failed call leaves the mode as it was
     model.eval()
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
@@ -145,6 +162,30 @@ def test_generate_validates_and_guidance_changes_the_result():
     model.generate(["a red circle"], sampler="ddpm", guidance_scale=1.0, generator=gen(),
                    callback=lambda i, t, x, x0: calls.append(t))
     assert calls == list(range(99, -1, -1))
+
+
+def test_generate_guides_with_a_classifier_gradient():
+    """classifier_grad(z_t, t) reaches the sampler: it is called once per step with z_t (B, z, h, w) and t (B,)
+    when classifier_scale != 0, never when it is 0 (then the images are the unguided ones, bit for bit)."""
+    model = tiny_model()
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    calls = []
+
+    def towards_one(z_t, t):  # ∇ log N(1; z_t, I): pulls every latent towards 1
+        calls.append((tuple(z_t.shape), tuple(t.shape)))
+        return 1 - z_t
+
+    def run(**guidance):  # the latents z0 of two prompts, from the same starting noise
+        generator = torch.Generator().manual_seed(0)
+        return model.generate(["a red circle", ""], steps=4, generator=generator, return_latents=True, **guidance)[1]
+
+    plain = run()
+    assert torch.equal(run(classifier_grad=towards_one, classifier_scale=0.0), plain) and calls == []
+    guided = run(classifier_grad=towards_one, classifier_scale=3.0)
+    assert calls == [((2, 4, 4, 4), (2,))] * 4
+    assert (guided - 1).abs().mean() < (plain - 1).abs().mean()
 
 
 def test_mismatched_components_are_rejected():
@@ -175,5 +216,3 @@ def test_training_draws_t_from_the_noisy_end(monkeypatch):
     model.diffusion_cfg.p_noisy_t, model.diffusion_cfg.noisy_t_from = 1.0, 0.7
     model(z0, ids, mask, torch.Generator().manual_seed(0))
     assert seen[-1].min() >= 70 and seen[-1].max() == 99
-    with pytest.raises(ValueError, match="p_noisy_t"):
-        DiffusionConfig(p_noisy_t=2.0)

@@ -40,13 +40,17 @@ def sample(args):
     generator = torch.Generator(device).manual_seed(args.seed)
     guide = {}
     if args.classifier_scale:
-        from tinyldm.classifier import classifier_targets
+        from tinyldm.classifier import classifier_targets, make_classifier_grad
 
         try:
-            target = dict(pair.split("=", 1) for pair in args.target.split(",") if pair)
-            guide = dict(classifier_scale=args.classifier_scale, classifier_target=classifier_targets(target))
+            target = classifier_targets(dict(pair.split("=", 1) for pair in args.target.split(",") if pair))
         except ValueError as e:
             raise SystemExit(f"error: --target {args.target!r}: {e} (e.g. --target colour=red,shape=circle)")
+        classifier = _load_classifier(args, device)
+        if classifier is None:
+            raise SystemExit(f"error: --classifier-scale needs a run with a classifier; {args.run} has none "
+                             "(train_small.py trains one on Shapes unless --classifier-steps 0)")
+        guide = dict(classifier_scale=args.classifier_scale, classifier_grad=make_classifier_grad(classifier, target))
     with autocast(device):
         try:
             images = model.generate(prompts, steps=args.steps, guidance_scale=args.guidance_scale,
@@ -102,6 +106,14 @@ def _load_run(args):
         raise SystemExit(f"error: {e}")
 
 
+def _load_classifier(args, device):
+    """The run's noise-aware latent classifier on `device`, or None when it has none."""
+    from tinyldm.classifier import load_classifier
+
+    classifier = load_classifier(args.run, map_location=device)
+    return None if classifier is None else classifier.to(device)
+
+
 def autocast(device, enabled=True):
     """bf16 autocast on CUDA (about 2x the fp32 speed, same accuracy here); nothing on a CPU or when not
     enabled. The one precision rule of the project: train_small.py, bench.py and these commands use it."""
@@ -127,6 +139,7 @@ def evaluate(args):
         if getattr(args, name) < 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 0 (0 = skip), got {getattr(args, name)}")
     model, device = _load_run(args)
+    classifier = _load_classifier(args, device) if args.classifier_scales else None
     out = Path(args.out or Path(args.run) / "eval.json")
     prompts = {kind: prompt_set(kind, args.prompts_per_kind, seed=args.seed) for kind in ("single", "two", "held_out")}
     everything = [pt for kind in prompts for pt in prompts[kind]]
@@ -155,7 +168,7 @@ def evaluate(args):
         with autocast(device):
             result = evaluate_model(model, pairs, args.images_per_prompt, steps=args.steps, guidance_scale=guidance,
                                     generator=generator, batch_size=args.batch_size, classifier_scale=gamma,
-                                    use_prompts=use_prompts)
+                                    use_prompts=use_prompts, classifier=classifier)
         result["method"] = method
         f, entropy = result["fidelity"]["single"], result["diversity"]["position"]["entropy"]
         print(f"{method:<26} s {guidance:<4g} γ {gamma:<5g} all-correct {_share(f)}  position entropy "
@@ -193,7 +206,7 @@ def evaluate(args):
             sampler, steps = ("ddpm", model.diffusion_cfg.T) if name == "ddpm" else ("ddim", int(name[4:]))
             report["sampler_sweep"].append(run(best["guidance_scale"], sampler, steps, subset, args.images_per_prompt))
     report["guidance_methods"] = []
-    if args.classifier_scales and model.classifier is not None:  # single-object prompts: the classifier's labels
+    if args.classifier_scales and classifier is not None:  # single-object prompts: the classifier's labels
         subset, s = prompts["single"], best["guidance_scale"]
         for gamma in args.classifier_scales:
             for method, guidance, use_prompts in (("classifier", 1.0, False), ("cfg+classifier", s, True)):

@@ -31,9 +31,15 @@ linear head per Shapes attribute (ADM pools with attention and has one head). `R
 Targets (what to guide towards) are one representation throughout: a LongTensor (B, 4) of class
 indices in the column order HEADS = (shape, colour, size, position), with −1 for "not specified";
 row b is image b's target, so a batch of prompts can ask for different things.
+
+The classifier is an add-on to a trained LatentDiffusion, not one of its components: it lives in its
+own files beside the model in a run folder (classifier.json, classifier.pt; `save_classifier`,
+`load_classifier`), and reaches the sampler as the gradient function `make_classifier_grad` returns.
 """
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,6 +47,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinyldm.data import COLOUR_NAMES, POSITIONS, SHAPES, SIZES
+from tinyldm.diffusion import draw_t_and_eps
+from tinyldm.ldm import write_atomic
 from tinyldm.unet import Downsample, ResBlock, timestep_embedding
 
 HEADS = ("shape", "colour", "size", "position")  # column order of labels and targets
@@ -138,18 +146,15 @@ def _check_labels(labels, B, allow_unspecified):
 def classifier_loss(classifier, schedule, z0, labels, generator=None, t=None, eps=None):
     """Cross-entropy of the four heads on noisy latents, summed over heads; returns (loss, accuracy).
 
-    t ~ U{0, …, T−1} and ε ~ N(0, I) are drawn (in that order, from `generator`) unless given, and
-    z_t = q_sample(z0, t, ε): the diffusion model's own forward process. labels (B, 4) LongTensor,
-    columns HEADS. accuracy: {head: 0-dim tensor}, detached (call .item() to log it; no GPU sync here).
+    t ~ U{0, …, T−1} and ε ~ N(0, I) are drawn as the diffusion loss draws them (diffusion.draw_t_and_eps)
+    unless given, and z_t = q_sample(z0, t, ε): the diffusion model's own forward process. labels (B, 4)
+    LongTensor, columns HEADS. accuracy: {head: 0-dim tensor}, detached (call .item() to log it; no GPU
+    sync here).
     """
     B = z0.shape[0]
     _check_labels(labels, B, allow_unspecified=False)
     labels = labels.to(z0.device)
-    if t is None:
-        t = torch.randint(0, schedule.T, (B,), generator=generator, device=z0.device)  # t ~ U{0, …, T−1}
-    t = schedule._timesteps(t, B)  # (B,) LongTensor, also when an int is given
-    if eps is None:
-        eps = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)  # ε ~ N(0, I)
+    t, eps = draw_t_and_eps(schedule, z0, generator, t, eps)  # t ~ U{0, …, T−1} (B,), ε ~ N(0, I)
     z_t = schedule.q_sample(z0, t, eps)  # DDPM Eq. 4: z_t = √ᾱ_t·z0 + √(1−ᾱ_t)·ε
     logits = classifier(z_t, t)
     loss, accuracy = 0.0, {}
@@ -243,6 +248,40 @@ def make_classifier_grad(classifier, target):
         return grad.detach().to(x_t.dtype)
 
     return classifier_grad
+
+
+# ----------------------------------------------------------------------------------------------
+# Its own files in a run folder, beside the model's
+
+
+def save_classifier(classifier, run_dir):
+    """Write classifier.json (its config) and classifier.pt (its state dict) into run_dir, each atomically."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(run_dir / "classifier.json", lambda p: p.write_text(json.dumps(asdict(classifier.cfg), indent=2)))
+    write_atomic(run_dir / "classifier.pt", lambda p: torch.save(classifier.state_dict(), p))
+
+
+def load_classifier(run_dir, map_location="cpu"):
+    """The classifier saved in run_dir, in eval mode, or None when the run has none.
+
+    Reads classifier.json and classifier.pt (weights_only). A run folder saved before the classifier
+    had its own files keeps it in model.json's "classifier" entry and model.pt's "classifier" state
+    dict; that loads too. Move the result with `.to(device)`, as the model.
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / "classifier.json").is_file():
+        cfg = json.loads((run_dir / "classifier.json").read_text())
+        state = torch.load(run_dir / "classifier.pt", map_location=map_location, weights_only=True)
+    else:  # the older layout, inside the model's own files
+        model_json = run_dir / "model.json"
+        cfg = json.loads(model_json.read_text()).get("classifier") if model_json.is_file() else None
+        if not cfg:
+            return None
+        state = torch.load(run_dir / "model.pt", map_location=map_location, weights_only=True)["classifier"]
+    classifier = LatentClassifier(ClassifierConfig(**cfg))
+    classifier.load_state_dict(state)
+    return classifier.eval()
 
 
 # ----------------------------------------------------------------------------------------------

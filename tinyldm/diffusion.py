@@ -1,4 +1,5 @@
-"""Noise schedules, the forward process, DDPM and DDIM steps and samplers, and guidance.
+"""The diffusion process: its config, noise schedules, the forward process, DDPM and DDIM steps and
+samplers, guidance, and the training objective.
 
 Papers, and the tags the comments use for them
   DDPM            Ho, Jain & Abbeel 2020, "Denoising Diffusion Probabilistic Models"
@@ -24,7 +25,6 @@ Glossary (code name: symbol: meaning, with the equation that defines it)
   sqrt_alpha_bars            √ᾱ_t      how much signal x_t keeps
   sqrt_one_minus_alpha_bars  √(1−ᾱ_t)  how much noise x_t holds
   posterior_variance         β̃_t       (1−ᾱ_{t−1})/(1−ᾱ_t)·β_t, variance of q(x_{t−1}|x_t, x0)           DDPM Eq. 7
-  posterior_log_variance_clipped       log β̃_t, with log β̃_0 = log 0 replaced by log β̃_1
   posterior_mean_coef_x0     —         √ᾱ_{t−1}·β_t/(1−ᾱ_t)    so that μ̃_t = coef_x0·x0 + coef_xt·x_t   DDPM Eq. 7
   posterior_mean_coef_xt     —         √α_t·(1−ᾱ_{t−1})/(1−ᾱ_t)
   x0, x_t, eps               x0, x_t, ε   data, noisy data, noise ε ~ N(0, I); x̂0, ε̂ are predictions of them
@@ -35,9 +35,11 @@ Glossary (code name: symbol: meaning, with the equation that defines it)
   guidance_scale             s         CFG scale; s = 1 + w in the notation of                           CFG Eq. 6
   classifier_scale           s         classifier-guidance scale                                 Guided Algorithm 2
   eta                        η         DDIM noise level: 0 deterministic, 1 DDPM's variance               DDIM Eq. 16
+  eps_fn                     ε̃(x_t, t) the ε a sampler steps with: the model's, with guidance (make_guided_eps)
 """
 
 import math
+from dataclasses import dataclass
 from numbers import Integral
 
 import torch
@@ -46,6 +48,29 @@ import torch.nn.functional as F
 
 SCHEDULE_KINDS = ("linear", "scaled_linear", "cosine")
 PREDICTIONS = ("eps", "v")
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "scaled_linear"  # beta schedule kind: "linear", "scaled_linear" or "cosine"
+    T: int = 1000                    # diffusion steps
+    beta_start: float = 0.00085      # β at t = 0 (Stable Diffusion's values for scaled_linear)
+    beta_end: float = 0.012          # β at t = T-1
+    prediction: str = "eps"          # what the U-Net predicts: "eps" (DDPM) or "v" (Salimans & Ho)
+    p_uncond: float = 0.1            # caption dropout: share of training captions replaced by ""
+    p_noisy_t: float = 0.0           # share of training t drawn from the noisy end instead of U{0..T-1}
+    noisy_t_from: float = 0.6        # the noisy end: t in [noisy_t_from·T, T) (see training_timesteps)
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULE_KINDS:
+            raise ValueError(f"schedule must be one of {SCHEDULE_KINDS}, got {self.schedule!r}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if not 0 <= self.p_uncond < 1:
+            raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
+        if not 0 <= self.p_noisy_t <= 1 or not 0 <= self.noisy_t_from < 1:
+            raise ValueError(f"need 0 <= p_noisy_t <= 1 and 0 <= noisy_t_from < 1, "
+                             f"got {self.p_noisy_t} and {self.noisy_t_from}")
 
 
 def make_beta_schedule(kind, T=1000, beta_start=1e-4, beta_end=2e-2):
@@ -82,6 +107,11 @@ def _check_same_shape(**tensors):
         raise ValueError(f"expected tensors of the same shape; got {shapes}")
 
 
+def _check_prediction(prediction):
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}; got {prediction!r}")
+
+
 class NoiseSchedule(nn.Module):
     """Every per-timestep constant of the diffusion process, and the one-step maths that uses them.
 
@@ -102,8 +132,6 @@ class NoiseSchedule(nn.Module):
         alpha_bars = torch.cumprod(alphas, dim=0)  # ᾱ_t = ∏_{s≤t} α_s
         alpha_bars_prev = torch.cat([alpha_bars.new_ones(1), alpha_bars[:-1]])  # ᾱ_{t−1}, with ᾱ_{−1} = 1
         posterior_variance = (1 - alpha_bars_prev) / (1 - alpha_bars) * betas  # DDPM Eq. 7: β̃_t
-        # β̃_0 = 0 (the last step adds no noise), so its log is clipped to log β̃_1 as in Improved DDPM's code
-        first = posterior_variance[1:2] if len(betas) > 1 else betas[:1]
         buffers = {
             "betas": betas,
             "alphas": alphas,
@@ -112,7 +140,6 @@ class NoiseSchedule(nn.Module):
             "sqrt_alpha_bars": alpha_bars.sqrt(),  # √ᾱ_t
             "sqrt_one_minus_alpha_bars": (1 - alpha_bars).sqrt(),  # √(1−ᾱ_t)
             "posterior_variance": posterior_variance,
-            "posterior_log_variance_clipped": torch.log(torch.cat([first, posterior_variance[1:]])),
             "posterior_mean_coef_x0": alpha_bars_prev.sqrt() * betas / (1 - alpha_bars),  # DDPM Eq. 7
             "posterior_mean_coef_xt": alphas.sqrt() * (1 - alpha_bars_prev) / (1 - alpha_bars),  # DDPM Eq. 7
         }
@@ -191,54 +218,53 @@ class NoiseSchedule(nn.Module):
 
     # --- one reverse step -------------------------------------------------------------------
 
-    def ddpm_step(self, x_t, t, eps, noise=None, generator=None, clip_x0=None):
+    def ddpm_step(self, x_t, t, eps, noise=None, generator=None):
         """One ancestral step x_t → x_{t−1} ~ N(μ̃_t(x_t, x̂0), β̃_t·I), with no noise where t == 0.
 
-        Written through x̂0 and the posterior; without clipping this equals DDPM Algorithm 2 line 4,
+        Written through x̂0 and the posterior, which equals DDPM Algorithm 2 line 4,
         x_{t−1} = (x_t − β_t/√(1−ᾱ_t)·ε)/√α_t + σ_t·z with σ_t² = β̃_t. `noise` (shape of x_t)
-        replaces the draw from `generator`; `clip_x0` clamps x̂0 to [−clip_x0, clip_x0].
+        replaces the draw from `generator`.
         """
         # BEGIN ASSIGNMENT 2: DDPM Algorithm 2, line 4, through x̂0 (self.predict_x0) and self.q_posterior
-        x0 = self.predict_x0(x_t, t, eps)  # DDPM Eq. 15
-        if clip_x0 is not None:
-            x0 = x0.clamp(-clip_x0, clip_x0)
+        # 1. the clean data the noise prediction implies
+        x0 = self.predict_x0(x_t, t, eps)  # DDPM Eq. 15: x̂0 = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t
+        # 2. the posterior q(x_{t−1} | x_t, x̂0) = N(μ̃_t, β̃_t·I)
         mean, variance = self.q_posterior(x0, x_t, t)  # DDPM Eqs. 6–7
+        # 3. a sample of it. No noise at t = 0 ("z = 0 if t = 1" in paper steps): there
+        #    σ_0² = β̃_0 = (1−ᾱ_{−1})/(1−ᾱ_0)·β_0 = 0 exactly, because ᾱ_{−1} = 1
         if noise is None:
-            noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+            noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)  # z ~ N(0, I)
         _check_same_shape(x_t=x_t, noise=noise)
-        # DDPM Alg. 2 line 4: x_{t−1} = μ̃ + σ_t·z. No noise at t = 0 ("z = 0 if t = 1" in paper steps):
-        # there σ_0² = β̃_0 = (1−ᾱ_{−1})/(1−ᾱ_0)·β_0 = 0 exactly, because ᾱ_{−1} = 1.
-        return mean + variance.sqrt() * noise
+        return mean + variance.sqrt() * noise  # DDPM Alg. 2 line 4: x_{t−1} = μ̃_t + σ_t·z, σ_t² = β̃_t
         # END ASSIGNMENT 2
 
-    def ddim_step(self, x_t, t, t_prev, eps, eta=0.0, noise=None, generator=None, clip_x0=None):
+    def ddim_step(self, x_t, t, t_prev, eps, eta=0.0, noise=None, generator=None):
         """One DDIM step x_t → x_{t_prev} for any t_prev < t; t_prev = −1 means ᾱ_prev = 1 (the data).
 
         eta = 0 is deterministic (`noise` is ignored and nothing is drawn); eta = 1 with
-        t_prev = t − 1 has DDPM's posterior variance β̃_t. With `clip_x0`, ε is re-derived from the
-        clipped x̂0 so that the step stays consistent (as in guided diffusion's DDIM sampler).
+        t_prev = t − 1 has DDPM's posterior variance β̃_t.
         """
         if eta < 0:
             raise ValueError(f"eta must be >= 0; got {eta}")
         if isinstance(t, Integral) and isinstance(t_prev, Integral) and not t_prev < t:
             raise ValueError(f"DDIM steps backwards: need t_prev < t; got t={t}, t_prev={t_prev}")
         # BEGIN ASSIGNMENT 3: DDIM Eqs. 12 and 16
+        # 1. ᾱ at both ends of the step; ᾱ_{t_prev} is alpha_bars_prev[t_prev + 1], which also covers
+        #    t_prev = −1, where ᾱ_{−1} = 1
         alpha_bar = self._gather(self.alpha_bars, t, x_t)  # ᾱ_t   (B, 1, ..., 1)
-        # ᾱ_{t_prev} is alpha_bars_prev[t_prev + 1]; this also covers t_prev = −1, where ᾱ_{−1} = 1
-        alpha_bar_prev = self._gather(self.alpha_bars_prev, t_prev + 1, x_t)  # (B, 1, ..., 1)
-        x0 = self.predict_x0(x_t, t, eps)  # DDPM Eq. 15 (DDIM Eq. 12, "predicted x0")
-        if clip_x0 is not None:
-            x0 = x0.clamp(-clip_x0, clip_x0)
-            eps = self.predict_eps(x_t, t, x0)
-        # DDIM Eq. 16: σ = η·√((1−ᾱ_prev)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_prev)
-        sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
-        # DDIM Eq. 12: x_prev = √ᾱ_prev·x̂0 + √(1−ᾱ_prev−σ²)·ε + σ·z
-        x_prev = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt() * eps
+        alpha_bar_prev = self._gather(self.alpha_bars_prev, t_prev + 1, x_t)  # ᾱ_{t_prev}   (B, 1, ..., 1)
+        # 2. the "predicted x0" of DDIM Eq. 12
+        x0 = self.predict_x0(x_t, t, eps)  # DDPM Eq. 15: x̂0 = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t
+        # 3. the step's noise level, σ = η·√((1−ᾱ_prev)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_prev)
+        sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()  # DDIM Eq. 16
+        # 4. x̂0 taken to the noise level of t_prev along the same ε: √ᾱ_prev·x̂0 + √(1−ᾱ_prev−σ²)·ε
+        x_prev = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt() * eps  # DDIM Eq. 12
+        # 5. fresh noise σ·z, only when η > 0
         if eta != 0:
             if noise is None:
-                noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+                noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)  # z ~ N(0, I)
             _check_same_shape(x_t=x_t, noise=noise)
-            x_prev = x_prev + sigma * noise
+            x_prev = x_prev + sigma * noise  # DDIM Eq. 12: + σ·z
         return x_prev
         # END ASSIGNMENT 3
 
@@ -261,12 +287,6 @@ class NoiseSchedule(nn.Module):
         # v-pred: ε = √(1−ᾱ_t)·x_t + √ᾱ_t·v
         return (self._gather(self.sqrt_one_minus_alpha_bars, t, x_t) * x_t
                 + self._gather(self.sqrt_alpha_bars, t, x_t) * v)
-
-    def x0_from_v(self, x_t, t, v):
-        """The clean data x0 implied by x_t and a v (prediction)."""
-        # v-pred: x0 = √ᾱ_t·x_t − √(1−ᾱ_t)·v
-        return (self._gather(self.sqrt_alpha_bars, t, x_t) * x_t
-                - self._gather(self.sqrt_one_minus_alpha_bars, t, x_t) * v)
 
     def score_from_eps(self, eps, t):
         """The score ∇_{x_t} log p(x_t) that a noise prediction ε stands for."""
@@ -307,6 +327,39 @@ def classifier_guidance(schedule, eps, t, grad_log_p, scale):
     # END ASSIGNMENT 3
 
 
+def make_guided_eps(model, schedule, context=None, uncond_context=None, guidance_scale=1.0,
+                    classifier_grad=None, classifier_scale=0.0, prediction="eps"):
+    """The ε the samplers step with, as one function eps_fn(x_t, t) of the state and the (python int) step.
+
+    model(x_t, t, context) -> ε (or v if prediction == "v"), t a LongTensor (B,); `context` and
+    `uncond_context` (c and c_u) are passed through untouched. CFG runs when uncond_context is given and
+    guidance_scale s != 1; classifier guidance when classifier_grad(x_t, t) -> ∇_{x_t} log p(y|x_t) is given
+    and classifier_scale γ != 0 (it runs with grad enabled, inside the samplers' no_grad).
+    """
+    _check_prediction(prediction)
+
+    def model_eps(x_t, t, t_batch, c):
+        out = model(x_t, t_batch, c)
+        return schedule.eps_from_v(x_t, t, out) if prediction == "v" else out  # v-pred: ε from v
+
+    def eps_fn(x_t, t):
+        t_batch = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)  # the model takes t as (B,)
+        # 1. the model's noise prediction for the prompt, ε(x_t, c)
+        eps = model_eps(x_t, t, t_batch, context)
+        # 2. classifier-free guidance with the empty prompt's ε(x_t, c_u): ε̃ = ε_u + s·(ε_c − ε_u)
+        if uncond_context is not None and guidance_scale != 1:
+            eps_uncond = model_eps(x_t, t, t_batch, uncond_context)
+            eps = classifier_free_guidance(eps, eps_uncond, guidance_scale)  # CFG Eq. 6
+        # 3. classifier guidance with the classifier's ∇_{x_t} log p(y|x_t): ε̂ = ε̃ − γ·√(1−ᾱ_t)·∇
+        if classifier_grad is not None and classifier_scale != 0:
+            with torch.enable_grad():
+                grad_log_p = classifier_grad(x_t.detach(), t_batch)  # ∇_{x_t} log p(y|x_t)
+            eps = classifier_guidance(schedule, eps, t, grad_log_p.detach(), classifier_scale)  # Guided Eq. 14
+        return eps
+
+    return eps_fn
+
+
 # --- samplers ---------------------------------------------------------------------------------
 
 
@@ -321,11 +374,6 @@ def ddim_timesteps(T, steps):
     if steps == 1:
         return [T - 1]
     return [((T - 1) * (steps - 1 - i) * 2 + (steps - 1)) // (2 * (steps - 1)) for i in range(steps)]
-
-
-def _check_prediction(prediction):
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction must be one of {PREDICTIONS}; got {prediction!r}")
 
 
 def _initial_noise(schedule, shape, generator, x_T):
@@ -346,72 +394,48 @@ def _progress(timesteps, enabled):
     return tqdm(timesteps)
 
 
-def _guided_eps(model, schedule, x_t, t, context, uncond_context, guidance_scale,
-                classifier_grad, classifier_scale, prediction):
-    """The ε to step with at (python int) step t: the model's output as ε, then CFG, then classifier guidance."""
-    t_batch = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)  # the model takes t as (B,)
-
-    def model_eps(c):
-        out = model(x_t, t_batch, c)
-        return schedule.eps_from_v(x_t, t, out) if prediction == "v" else out
-
-    eps = model_eps(context)
-    if uncond_context is not None and guidance_scale != 1:
-        eps = classifier_free_guidance(eps, model_eps(uncond_context), guidance_scale)  # CFG Eq. 6
-    if classifier_grad is not None and classifier_scale != 0:
-        with torch.enable_grad():
-            grad_log_p = classifier_grad(x_t.detach(), t_batch)  # ∇_{x_t} log p(y|x_t)
-        eps = classifier_guidance(schedule, eps, t, grad_log_p.detach(), classifier_scale)  # Guided Eq. 14
-    return eps
-
-
 @torch.no_grad()
-def ddpm_sample(model, schedule, shape, context=None, uncond_context=None, guidance_scale=1.0,
-                classifier_grad=None, classifier_scale=0.0, prediction="eps", generator=None,
-                x_T=None, clip_x0=None, progress=False, callback=None):
+def ddpm_sample(eps_fn, schedule, shape, generator=None, x_T=None, progress=False, callback=None):
     """Ancestral sampling (DDPM Algorithm 2): x_T ~ N(0, I), then ddpm_step for t = T−1 … 0. Returns x0.
 
-    model(x_t, t, context) -> ε (or v if prediction == "v"), t a LongTensor (B,); `context` and
-    `uncond_context` are passed through untouched. CFG runs when uncond_context is given and
-    guidance_scale != 1; classifier guidance when classifier_grad(x_t, t) -> ∇_{x_t} log p(y|x_t)
-    is given and classifier_scale != 0 (it runs with grad enabled). callback(i, t, x_t, x0_pred)
-    sees each step's input x_t and its x̂0.
+    eps_fn(x_t, t) -> ε, t a python int: the model's prediction with its guidance (make_guided_eps).
+    x_T: the starting noise instead of a draw from `generator`. callback(i, t, x_t, x0_pred) sees each
+    step's input x_t and its x̂0.
     """
-    _check_prediction(prediction)
-    x_t = _initial_noise(schedule, shape, generator, x_T)
-    # BEGIN ASSIGNMENT 8: DDPM Algorithm 2, with _guided_eps for ε and the callback before each step
-    for i, t in enumerate(_progress(range(schedule.T - 1, -1, -1), progress)):
-        eps = _guided_eps(model, schedule, x_t, t, context, uncond_context, guidance_scale,
-                          classifier_grad, classifier_scale, prediction)
+    x_t = _initial_noise(schedule, shape, generator, x_T)  # DDPM Alg. 2 line 1: x_T ~ N(0, I)
+    # BEGIN ASSIGNMENT 8: DDPM Algorithm 2 with eps_fn for ε, and the callback before each step
+    for i, t in enumerate(_progress(range(schedule.T - 1, -1, -1), progress)):  # DDPM Alg. 2 line 2
+        # 1. the noise prediction at step t, guidance included
+        eps = eps_fn(x_t, t)
+        # 2. show the caller x_t and the x̂0 it implies
         if callback is not None:
-            x0_pred = schedule.predict_x0(x_t, t, eps)  # DDPM Eq. 15
-            callback(i, t, x_t, x0_pred if clip_x0 is None else x0_pred.clamp(-clip_x0, clip_x0))
-        x_t = schedule.ddpm_step(x_t, t, eps, generator=generator, clip_x0=clip_x0)
+            callback(i, t, x_t, schedule.predict_x0(x_t, t, eps))  # DDPM Eq. 15
+        # 3. one ancestral step x_t → x_{t−1}
+        x_t = schedule.ddpm_step(x_t, t, eps, generator=generator)  # DDPM Alg. 2 lines 3–4
     return x_t
     # END ASSIGNMENT 8
 
 
 @torch.no_grad()
-def ddim_sample(model, schedule, shape, context=None, uncond_context=None, guidance_scale=1.0,
-                classifier_grad=None, classifier_scale=0.0, prediction="eps", generator=None,
-                x_T=None, clip_x0=None, progress=False, callback=None, steps=50, eta=0.0):
+def ddim_sample(eps_fn, schedule, shape, steps=50, eta=0.0, generator=None, x_T=None, progress=False,
+                callback=None):
     """DDIM sampling: x_T ~ N(0, I), then ddim_step along ddim_timesteps(T, steps). Returns x0.
 
     Arguments as in ddpm_sample; eta = 0 is deterministic given x_T, and steps = T with eta = 1
     is DDPM's ancestral sampler.
     """
-    _check_prediction(prediction)
-    timesteps = ddim_timesteps(schedule.T, steps)
-    x_t = _initial_noise(schedule, shape, generator, x_T)
+    timesteps = ddim_timesteps(schedule.T, steps)  # the sub-sequence τ of DDIM Sec. 4.2, T−1 … 0
+    x_t = _initial_noise(schedule, shape, generator, x_T)  # x_T ~ N(0, I)
     # BEGIN ASSIGNMENT 8: DDIM along `timesteps`, t_prev = −1 after the last
     for i, t in enumerate(_progress(timesteps, progress)):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1  # −1: the last step lands on the data
-        eps = _guided_eps(model, schedule, x_t, t, context, uncond_context, guidance_scale,
-                          classifier_grad, classifier_scale, prediction)
+        # 1. the noise prediction at step t, guidance included
+        eps = eps_fn(x_t, t)
+        # 2. show the caller x_t and the x̂0 it implies
         if callback is not None:
-            x0_pred = schedule.predict_x0(x_t, t, eps)  # DDPM Eq. 15
-            callback(i, t, x_t, x0_pred if clip_x0 is None else x0_pred.clamp(-clip_x0, clip_x0))
-        x_t = schedule.ddim_step(x_t, t, t_prev, eps, eta=eta, generator=generator, clip_x0=clip_x0)
+            callback(i, t, x_t, schedule.predict_x0(x_t, t, eps))  # DDPM Eq. 15
+        # 3. one DDIM step x_t → x_{t_prev}
+        x_t = schedule.ddim_step(x_t, t, t_prev, eps, eta=eta, generator=generator)  # DDIM Eq. 12
     return x_t
     # END ASSIGNMENT 8
 
@@ -439,23 +463,38 @@ def training_timesteps(T, B, p_noisy=0.0, noisy_from=0.6, generator=None, device
     return t
 
 
-def diffusion_loss(model, schedule, x0, context, prediction="eps", generator=None, t=None, eps=None):
-    """The simple objective (DDPM Eq. 14, L_simple): mean over all elements of (target − model(x_t, t, c))².
+def draw_t_and_eps(schedule, x0, generator=None, t=None, eps=None):
+    """(t (B,) LongTensor, ε shaped as x0) for a training batch x0 (B, ...): t ~ U{0, …, T−1} and
+    ε ~ N(0, I) (DDPM Algorithm 1 lines 3–4), drawn in that order from `generator` unless given.
 
-    t ~ Uniform{0, …, T−1} and ε ~ N(0, I) are drawn (in that order, from `generator`) unless
-    given; target is ε, or v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 when prediction == "v". Computed in float32.
+    The one place where training draws its noise: diffusion_loss and the classifier's loss both call it.
+    A given t may be a python int (the whole batch at that step) or a (B,) tensor.
     """
-    _check_prediction(prediction)
-    # BEGIN ASSIGNMENT 8: DDPM Eq. 14 (Algorithm 1), or the v target
     B = x0.shape[0]
     if t is None:
         t = training_timesteps(schedule.T, B, generator=generator, device=x0.device)  # t ~ U{0, …, T−1}
     t = schedule._timesteps(t, B)  # (B,) LongTensor, also when an int is given
     if eps is None:
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)  # ε ~ N(0, I)
-    x_t = schedule.q_sample(x0, t, eps)  # DDPM Eq. 4
+    return t, eps
+
+
+def diffusion_loss(model, schedule, x0, context, prediction="eps", generator=None, t=None, eps=None):
+    """The simple objective (DDPM Eq. 14, L_simple): mean over all elements of (target − model(x_t, t, c))².
+
+    t ~ Uniform{0, …, T−1} and ε ~ N(0, I) are drawn (draw_t_and_eps) unless given; target is ε,
+    or v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 when prediction == "v". Computed in float32.
+    """
+    _check_prediction(prediction)
+    # BEGIN ASSIGNMENT 8: DDPM Eq. 14 (Algorithm 1), or the v target
+    # 1. a step and a noise per example
+    t, eps = draw_t_and_eps(schedule, x0, generator, t, eps)  # DDPM Alg. 1 lines 3–4
+    # 2. noise the data to step t
+    x_t = schedule.q_sample(x0, t, eps)  # DDPM Eq. 4: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε
+    # 3. the target, and the model's prediction of it
     target = eps if prediction == "eps" else schedule.v_from_eps_x0(x0, eps, t)  # ε, or v-pred's v
     out = model(x_t, t, context)
     _check_same_shape(model_output=out, target=target)
+    # 4. the squared error, averaged
     return F.mse_loss(out.float(), target.float())  # DDPM Eq. 14: ‖ε − ε_θ(x_t, t)‖²
     # END ASSIGNMENT 8

@@ -400,28 +400,31 @@ def diversity(detections, targets):
 
 
 def evaluate_model(model, prompts_and_targets, images_per_prompt=4, steps=50, guidance_scale=3.0,
-                   sampler="ddim", generator=None, batch_size=64, classifier_scale=0.0, use_prompts=True):
+                   sampler="ddim", generator=None, batch_size=64, classifier_scale=0.0, use_prompts=True,
+                   classifier=None):
     """Generate images_per_prompt images for each (prompt, target), detect, and score them.
 
     Calls model.generate(prompts, steps=, guidance_scale=, sampler=, generator=) -> images in
-    [-1, 1]. classifier_scale != 0 adds classifier guidance towards each target (single-object
-    targets); use_prompts=False samples the unconditional model (empty prompts), so that
-    classifier guidance can be judged alone. Returns {"fidelity": {kind: summary, ..., "all":
+    [-1, 1]. classifier_scale != 0 adds classifier guidance by `classifier` (a classifier.LatentClassifier)
+    towards each target (single-object targets); use_prompts=False samples the unconditional model
+    (empty prompts), so that classifier guidance can be judged alone. Returns {"fidelity": {kind: summary, ..., "all":
     summary}, "diversity": ...}.
     """
-    from .classifier import classifier_targets
+    from .classifier import classifier_targets, make_classifier_grad
 
     if images_per_prompt < 1 or batch_size < 1:
         raise ValueError(f"images_per_prompt and batch_size must be >= 1, "
                          f"got {images_per_prompt} and {batch_size}")
+    if classifier_scale and classifier is None:
+        raise ValueError("classifier_scale != 0 needs a classifier")
     prompts = [p if use_prompts else "" for p, _ in prompts_and_targets for _ in range(images_per_prompt)]
     targets = [t for _, t in prompts_and_targets for _ in range(images_per_prompt)]
     detections = []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             batch = slice(start, start + batch_size)
-            guide = dict(classifier_scale=classifier_scale, classifier_target=classifier_targets(targets[batch])
-                         ) if classifier_scale else {}
+            guide = dict(classifier_scale=classifier_scale, classifier_grad=make_classifier_grad(
+                classifier, classifier_targets(targets[batch]))) if classifier_scale else {}
             images = model.generate(prompts[batch], steps=steps, guidance_scale=guidance_scale,
                                     sampler=sampler, generator=generator, **guide)
             detections += detect(images)

@@ -4,52 +4,30 @@
   image x ──Encoder──► q(z|x) ──sample · scale──► z0 ──q_sample──► z_t ──► UNet ──► ε̂
   sampling: z_T ~ N(0, I) ─► DDPM/DDIM with guidance ─► z0 ─► / scale ─► Decoder ─► image
 
-This is the only file that knows all four components. It never picks a device: everything runs
-where the model's parameters are (move the model with `.to(device)`).
+This is the only file that knows all four components, and it knows nothing else: no dataset, no
+classifier (classifier guidance comes in as a gradient function, see `generate`). It never picks a
+device: everything runs where the model's parameters are (move the model with `.to(device)`).
 
 A run folder holds `model.json` (every config, the latent scale factor), `tokenizer.json` and
-`model.pt` (state dicts only, loaded with `torch.load(weights_only=True)`).
+`model.pt` (state dicts only, loaded with `torch.load(weights_only=True)`); other files may sit beside
+them (logs, plots, a classifier's own classifier.json and classifier.pt) and are not read here.
 """
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
-from tinyldm.classifier import ClassifierConfig, LatentClassifier, make_classifier_grad
-from tinyldm.diffusion import (PREDICTIONS, SCHEDULE_KINDS, NoiseSchedule, ddim_sample, ddpm_sample,
-                               diffusion_loss, make_beta_schedule, training_timesteps)
+from tinyldm.diffusion import (DiffusionConfig, NoiseSchedule, ddim_sample, ddpm_sample, diffusion_loss,
+                               make_beta_schedule, make_guided_eps, training_timesteps)
 from tinyldm.text_encoder import BOS, PAD, TextEncoder, TextEncoderConfig, load_tokenizer, tokenize
 from tinyldm.unet import UNet, UNetConfig
 
 SAMPLERS = ("ddim", "ddpm")
-
-
-@dataclass
-class DiffusionConfig:
-    schedule: str = "scaled_linear"  # beta schedule kind: "linear", "scaled_linear" or "cosine"
-    T: int = 1000                    # diffusion steps
-    beta_start: float = 0.00085      # β at t = 0 (Stable Diffusion's values for scaled_linear)
-    beta_end: float = 0.012          # β at t = T-1
-    prediction: str = "eps"          # what the U-Net predicts: "eps" (DDPM) or "v" (Salimans & Ho)
-    p_uncond: float = 0.1            # caption dropout: share of training captions replaced by ""
-    p_noisy_t: float = 0.0           # share of training t drawn from the noisy end instead of U{0..T-1}
-    noisy_t_from: float = 0.6        # the noisy end: t in [noisy_t_from·T, T) (see training_timesteps)
-
-    def __post_init__(self):
-        if self.schedule not in SCHEDULE_KINDS:
-            raise ValueError(f"schedule must be one of {SCHEDULE_KINDS}, got {self.schedule!r}")
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
-        if not 0 <= self.p_uncond < 1:
-            raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
-        if not 0 <= self.p_noisy_t <= 1 or not 0 <= self.noisy_t_from < 1:
-            raise ValueError(f"need 0 <= p_noisy_t <= 1 and 0 <= noisy_t_from < 1, "
-                             f"got {self.p_noisy_t} and {self.noisy_t_from}")
 
 
 class LatentDiffusion(nn.Module):
@@ -71,7 +49,6 @@ class LatentDiffusion(nn.Module):
         betas = make_beta_schedule(diffusion_cfg.schedule, diffusion_cfg.T,
                                    diffusion_cfg.beta_start, diffusion_cfg.beta_end)
         self.schedule = NoiseSchedule(betas)
-        self.classifier = None  # optional noise-aware latent classifier, for classifier guidance
         self.image_size = int(image_size)  # H = W of the images the autoencoder works at
         self.scale_factor = float(scale_factor)  # LDM Sec. 4.3.2 / App. G: z = scale · E(x), unit variance
 
@@ -139,7 +116,9 @@ class LatentDiffusion(nn.Module):
                               prediction=cfg.prediction, generator=generator, t=t)
 
     def loss(self, images, captions, generator=None):
-        """The LDM objective from images and caption strings (encodes on the fly)."""
+        """The LDM objective in one call, from images (B, 3, H, W) in [-1, 1] and caption strings: what a
+        training loop of your own calls. train_small.py encodes the dataset to latents once and calls
+        forward on them instead (the same loss, without running the encoder at every step)."""
         z0 = self.encode_images(images, generator)
         ids, mask = self.tokenize(captions)
         return self(z0, ids, mask, generator)
@@ -148,45 +127,44 @@ class LatentDiffusion(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, steps=50, guidance_scale=3.0, sampler="ddim", eta=0.0, generator=None, x_T=None,
-                 classifier_target=None, classifier_scale=0.0, progress=False, callback=None, return_latents=False):
+                 classifier_grad=None, classifier_scale=0.0, progress=False, callback=None, return_latents=False):
         """Prompts -> images (B, 3, H, W) in [-1, 1].
 
         sampler "ddim" takes `steps` steps (eta 0 = deterministic); "ddpm" always takes all T.
         guidance_scale s: ε̃ = ε(c_u) + s·(ε(c) − ε(c_u)), c_u the empty prompt's context (s = 1: none).
-        classifier_target (B, 4) or (1, 4) LongTensor (classifier.classifier_targets) with
-        classifier_scale γ: classifier guidance by the model's latent classifier, ε̂ = ε̃ − γ·√(1−ᾱ_t)·∇ log p(y|z_t).
+        classifier_grad(z_t, t) -> ∇_{z_t} log p(y|z_t) with classifier_scale γ: classifier guidance,
+        ε̂ = ε̃ − γ·√(1−ᾱ_t)·∇ log p(y|z_t) (e.g. classifier.make_classifier_grad for the Shapes classifier).
         generator: a torch.Generator on the model's device, for reproducible samples.
         x_T: the starting noise (B, z, h, w) instead of a draw from `generator` (moved to the model's
         device); with DDIM, eta 0, the images then depend only on x_T and the prompts.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if classifier_scale != 0 and (self.classifier is None or classifier_target is None):
-            raise ValueError("classifier guidance needs a trained classifier (train_small.py trains one on "
-                             "Shapes) and a classifier_target")
-        f = self.autoencoder_cfg.downsample_factor
-        H = self.image_size // f
+        if classifier_scale != 0 and classifier_grad is None:
+            raise ValueError("classifier guidance (classifier_scale != 0) needs a classifier_grad(z_t, t), "
+                             "e.g. classifier.make_classifier_grad(classifier, targets)")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        H = self.image_size // self.autoencoder_cfg.downsample_factor
         shape = (len(prompts), self.unet_cfg.in_channels, H, H)            # (B, z, h, w)
+        x_T = None if x_T is None else x_T.to(self.device)
         was_training = self.training
         self.eval()
         try:
-            cond = self.encode_text(list(prompts))
+            # 1. the prompts' contexts c, and the empty prompt's c_u when CFG needs it   LDM Eq. 3: c = τ_θ(y)
+            cond = self.encode_text(prompts)
             uncond = self.encode_text([""] * len(prompts)) if guidance_scale != 1 else None
-            classifier_grad = None
-            if classifier_scale != 0:
-                classifier_grad = make_classifier_grad(self.classifier, classifier_target.to(self.device))
-            kwargs = dict(context=cond, uncond_context=uncond, guidance_scale=guidance_scale,
-                          classifier_grad=classifier_grad, classifier_scale=classifier_scale,
-                          prediction=self.diffusion_cfg.prediction, generator=generator,
-                          x_T=None if x_T is None else x_T.to(self.device), progress=progress, callback=callback)
+            # 2. the guided noise prediction ε̃(z_t, t)
+            eps_fn = make_guided_eps(self.unet_output, self.schedule, cond, uncond, guidance_scale,
+                                     classifier_grad, classifier_scale, self.diffusion_cfg.prediction)
+            # 3. the reverse process in latent space, z_T ~ N(0, I) → z0
+            run = dict(generator=generator, x_T=x_T, progress=progress, callback=callback)
             if sampler == "ddim":
-                z0 = ddim_sample(self.unet_output, self.schedule, shape, steps=steps, eta=eta, **kwargs)
+                z0 = ddim_sample(eps_fn, self.schedule, shape, steps=steps, eta=eta, **run)
             else:
-                z0 = ddpm_sample(self.unet_output, self.schedule, shape, **kwargs)
+                z0 = ddpm_sample(eps_fn, self.schedule, shape, **run)
         finally:
             self.train(was_training)  # also after an error or Ctrl-C: training code keeps its mode
+        # 4. back to pixels   LDM Sec. 3: x̃ = D(z0 / scale)
         images = self.decode_latents(z0)
         return (images, z0) if return_latents else images
 
@@ -195,7 +173,6 @@ class LatentDiffusion(nn.Module):
     def config(self):
         return {"text_encoder": asdict(self.text_cfg), "autoencoder": asdict(self.autoencoder_cfg),
                 "unet": asdict(self.unet_cfg), "diffusion": asdict(self.diffusion_cfg),
-                "classifier": asdict(self.classifier.cfg) if self.classifier is not None else None,
                 "scale_factor": self.scale_factor, "image_size": self.image_size}
 
     def save(self, run_dir):
@@ -206,13 +183,14 @@ class LatentDiffusion(nn.Module):
         write_atomic(run_dir / "tokenizer.json", lambda p: self.tokenizer.save(str(p)))
         state = {"text_encoder": self.text_encoder.state_dict(), "autoencoder": self.autoencoder.state_dict(),
                  "unet": self.unet.state_dict()}
-        if self.classifier is not None:
-            state["classifier"] = self.classifier.state_dict()
         write_atomic(run_dir / "model.pt", lambda p: torch.save(state, p))
 
     @classmethod
     def load(cls, run_dir, map_location="cpu"):
-        """Rebuild a saved model from its run folder (configs from JSON, weights_only load)."""
+        """Rebuild a saved model from its run folder (configs from JSON, weights_only load).
+
+        Only the four components are read: entries of model.json and model.pt that are not theirs
+        (run folders saved before the classifier had its own files keep it there) are left alone."""
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise FileNotFoundError(f"run folder {run_dir} does not exist")
@@ -225,9 +203,7 @@ class LatentDiffusion(nn.Module):
                     AutoencoderConfig(**cfg["autoencoder"]), UNetConfig(**cfg["unet"]),
                     DiffusionConfig(**cfg["diffusion"]), cfg["image_size"], cfg["scale_factor"])
         state = torch.load(run_dir / "model.pt", map_location=map_location, weights_only=True)
-        if cfg.get("classifier"):
-            model.classifier = LatentClassifier(ClassifierConfig(**cfg["classifier"]))
-        for name in ("text_encoder", "autoencoder", "unet") + (("classifier",) if model.classifier is not None else ()):
+        for name in ("text_encoder", "autoencoder", "unet"):
             getattr(model, name).load_state_dict(state[name])
         return model.eval()
 
