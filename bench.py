@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import train_small
 from tinyldm.__main__ import autocast, pick_device
-from tinyldm.diffusion import NoiseSchedule, ddim_sample, ddpm_sample, diffusion_loss, make_beta_schedule
+from tinyldm.diffusion import NoiseSchedule, ddim_sample, ddpm_sample, diffusion_loss, make_beta_schedule, make_guided_eps
 from tinyldm.unet import UNet, attention
 
 
@@ -219,8 +219,8 @@ def bench_sampling(s):
 
     def sample(sampler, schedule, **kwargs):
         with autocast(s.device, enabled=s.precision == "bf16"):
-            sampler(s.unet, schedule, shape, context, uncond_context, guidance_scale=3.0,
-                    generator=s.generator, **kwargs)
+            eps_fn = make_guided_eps(s.unet, schedule, context, uncond_context, guidance_scale=3.0)
+            sampler(eps_fn, schedule, shape, generator=s.generator, **kwargs)
 
     sample(ddim_sample, s.schedule, steps=2)  # warm-up
     repeats = 1 if s.bc.tiny else min(s.bc.repeats, 3)

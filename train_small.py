@@ -18,7 +18,8 @@ Stages, one function each below, each one visible loop; main() at the bottom cal
 This script is the only place that knows about compile, DDP and the training files of a run folder:
   runs/NAME/  model.json  tokenizer.json  model.pt   the trained model (EMA weights): LatentDiffusion.save
               train_config.json  checkpoint.pt (until the run is complete)  log.jsonl  metrics.json
-              loss.png  reconstructions.png  samples_*.png  classifier_accuracy.png
+              loss.png  reconstructions.png  samples_*.png
+              classifier.json  classifier.pt  classifier_accuracy.png   the classifier (stage 4): save_classifier
 Devices and precision follow tinyldm's one rule (pick_device, autocast in tinyldm/__main__.py).
 
 Randomness: the batch and noise of step s of stage k come from a generator seeded with
@@ -45,10 +46,12 @@ from tqdm import tqdm
 from tinyldm.__main__ import autocast, pick_device
 from tinyldm.autoencoder import (AutoencoderConfig, DiagonalGaussian, PatchDiscriminator, autoencoder_loss,
                                  discriminator_loss, latent_scale_factor)
-from tinyldm.classifier import ClassifierConfig, LatentClassifier, accuracy_by_timestep, classifier_loss, labels_from_scenes
+from tinyldm.classifier import (ClassifierConfig, LatentClassifier, accuracy_by_timestep, classifier_loss,
+                                labels_from_scenes, save_classifier)
 from tinyldm.data import (DataError, ImageFolderDataset, ShapesConfig, ShapesDataset, describe, to_float,
                           to_uint8)
-from tinyldm.ldm import DiffusionConfig, LatentDiffusion, write_atomic
+from tinyldm.diffusion import DiffusionConfig
+from tinyldm.ldm import LatentDiffusion, write_atomic
 from tinyldm.text_encoder import TextEncoderConfig, tokenize, train_tokenizer
 from tinyldm.unet import UNetConfig
 
@@ -618,7 +621,7 @@ def train_diffusion(run, model, latents, prompts, checkpoint):
 
 def train_classifier(run, model, latents, train_set, val_set, val_images):
     """Stage 4 (Shapes only): a noise-aware latent classifier p(y | z_t) on the single-object images, for
-    classifier guidance; then its accuracy on noisy validation latents by timestep. Returns it."""
+    classifier guidance; then its accuracy on noisy validation latents by timestep. Saves it beside the model."""
     cfg, device, timer = run.cfg, run.device, time.time()
     labels, keep = labels_from_scenes(train_set.scenes)                 # single-object images only
     labels, keep = labels.to(device), keep.to(device)                   # (M, 4) shape, colour, size, position
@@ -662,8 +665,8 @@ def train_classifier(run, model, latents, train_set, val_set, val_images):
     run.metrics["classifier_accuracy_by_t"] = by_t
     run.metrics["time_classifier_s"] = time.time() - timer
     if run.main_process:
+        save_classifier(classifier, run.dir)  # classifier.json + classifier.pt, beside the model
         plot_classifier_accuracy(by_t, run.dir / "classifier_accuracy.png")
-    return classifier
 
 
 def save_run(run, model, prompts):
@@ -722,7 +725,7 @@ def main(argv=None):
     latents = encode_training_set(run, model, train_images, train_set.captions, tokenizer)  # stage 2
     ema = train_diffusion(run, model, latents, prompts, checkpoint)                         # stage 3
     if cfg.classifier_steps and not cfg.data:                                               # stage 4
-        ema.classifier = train_classifier(run, model, latents, train_set, val_set, val_images)
+        train_classifier(run, model, latents, train_set, val_set, val_images)
 
     # 6. save the EMA model, sample, plot
     save_run(run, ema, prompts)

@@ -145,7 +145,7 @@ def test_starter_kit_imports_cleanly_and_has_a_handout(starter):
     handout lists each assignment with its functions, equations, notebook and grading command."""
     out, regions, _ = starter
     modules = "tinyldm.diffusion, tinyldm.unet, tinyldm.autoencoder, tinyldm.text_encoder, tinyldm.ldm, " \
-              "tinyldm.classifier, tinyldm.evaluate, tinyldm.bench, tinyldm.assignments, train_small"
+              "tinyldm.classifier, tinyldm.evaluate, tinyldm.assignments, bench, train_small"
     done = subprocess.run([sys.executable, "-c", f"import {modules}"], cwd=out, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert not (out / ".git").exists() and not (out / "runs").exists()

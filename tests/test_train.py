@@ -24,7 +24,8 @@ def reference_run(tiny_run):
 def test_tiny_run_leaves_a_complete_run_folder(reference_run):
     """All stages run; the folder holds the model, logs, plots and metrics, and no checkpoint."""
     for name in ("train_config.json", "model.json", "tokenizer.json", "model.pt", "log.jsonl", "loss.png",
-                 "samples_final.png", "reconstructions.png", "metrics.json", "classifier_accuracy.png"):
+                 "samples_final.png", "reconstructions.png", "metrics.json", "classifier_accuracy.png",
+                 "classifier.json", "classifier.pt"):
         assert (reference_run / name).is_file(), name
     assert not (reference_run / "checkpoint.pt").exists()
     metrics = json.loads((reference_run / "metrics.json").read_text())
@@ -47,13 +48,15 @@ def test_load_and_sample(reference_run):
     again = model.generate(["a red circle"], steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(images[:1], again, atol=1e-5)  # the generator makes it reproducible
     state = torch.load(reference_run / "model.pt", weights_only=True)
-    assert set(state) == {"text_encoder", "autoencoder", "unet", "classifier"}
-    from tinyldm.classifier import classifier_targets
+    assert set(state) == {"text_encoder", "autoencoder", "unet"}  # the classifier has its own files
+    from tinyldm.classifier import classifier_targets, load_classifier, make_classifier_grad
 
-    target = classifier_targets({"colour": "red", "shape": "circle"})
+    classifier = load_classifier(reference_run)
+    assert set(torch.load(reference_run / "classifier.pt", weights_only=True)) == set(classifier.state_dict())
+    grad = make_classifier_grad(classifier, classifier_targets({"colour": "red", "shape": "circle"}))
     plain = model.generate([""], steps=3, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
     guided = model.generate([""], steps=3, guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
-                            classifier_target=target, classifier_scale=5.0)
+                            classifier_grad=grad, classifier_scale=5.0)
     assert guided.shape == plain.shape and not torch.equal(guided, plain)  # classifier guidance acts
 
 
