@@ -319,12 +319,6 @@ def main(argv=None):
     bench.add_arguments(p)
     p.set_defaults(run_command=bench.run)
 
-    from tinyldm import assignments
-
-    p = commands.add_parser("assignments", help="course assignments: make a starter kit and handout, or grade")
-    assignments.add_arguments(p)
-    p.set_defaults(run_command=assignments.run)
-
     args = parser.parse_args(argv)
     args.run_command(args)
 
