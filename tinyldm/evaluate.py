@@ -1,4 +1,5 @@
-"""Evaluate: read the attributes back out of Shapes images, score captions, measure reconstructions.
+"""Evaluate: read the attributes back out of Shapes images, score captions, measure reconstructions,
+and the protocol of `python -m tinyldm evaluate` that runs them all (at the end of this file).
 
 Every attribute of a Shapes image (shape, colour, size, position) is a simple geometric fact, so
 `detect` measures it with arithmetic on the pixels, and a generated image can be checked against
