@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinyldm.assignments import NUMBERS, RegionTracer
+from course.assignments import NUMBERS, RegionTracer
 
 ROOT = Path(__file__).resolve().parents[1]
 # the tiny preset, made smaller still so that each run takes seconds
@@ -49,7 +49,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-# --- course assignments: `@pytest.mark.assignment(N)` (see tinyldm/assignments.py) ------------
+# --- course assignments: `@pytest.mark.assignment(N)` (see course/assignments.py) -------------
 
 
 def pytest_addoption(parser):

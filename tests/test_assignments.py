@@ -1,4 +1,4 @@
-"""Meta-tests of the course assignments (tinyldm/assignments.py): markers, starter kit, grading.
+"""Meta-tests of the course assignments (course/assignments.py): markers, starter kit, grading.
 
 The claim to prove: for each assignment N, a copy of the project with only N's regions removed
 fails exactly N's tests and passes every other assignment's tests. Two runs prove it here:
@@ -19,9 +19,9 @@ from collections import defaultdict
 
 import pytest
 
-from tinyldm.__main__ import main as cli
-from tinyldm.assignments import (NUMBERS, ROOT, MarkerError, find_regions, grade, make, project_regions,
-                                 region_id, strip_regions)
+from course.__main__ import main as cli
+from course.assignments import (NUMBERS, ROOT, MarkerError, find_regions, grade, make, project_regions,
+                                region_id, strip_regions)
 
 
 def by_test(result):
@@ -141,12 +141,15 @@ def test_starter_fails_every_test_on_its_own_assignment(reference, starter):
 
 
 def test_starter_kit_imports_cleanly_and_has_a_handout(starter):
-    """The starter kit imports (every module, and train_small), holds no history or run outputs, and its
-    handout lists each assignment with its functions, equations, notebook and grading command."""
+    """The starter kit imports (every module of tinyldm/ and course/, the top-level scripts such as
+    train_small, and the notebooks' helpers), holds no history or run outputs, and its handout lists
+    each assignment with its functions, equations, notebook and grading command."""
     out, regions, _ = starter
-    modules = "tinyldm.diffusion, tinyldm.unet, tinyldm.autoencoder, tinyldm.text_encoder, tinyldm.ldm, " \
-              "tinyldm.classifier, tinyldm.evaluate, tinyldm.assignments, bench, train_small"
-    done = subprocess.run([sys.executable, "-c", f"import {modules}"], cwd=out, capture_output=True, text=True)
+    modules = sorted({f"{folder}.{p.stem}" for folder in ("tinyldm", "course") for p in (out / folder).glob("*.py")
+                      if p.stem != "__init__"} | {p.stem for p in out.glob("*.py")} | {"helpers"})
+    assert {"tinyldm.diffusion", "tinyldm.ldm", "tinyldm.evaluate", "course.assignments", "train_small", "bench"} <= set(modules)
+    imports = f"import sys; sys.path.insert(0, 'notebooks'); import {', '.join(modules)}"
+    done = subprocess.run([sys.executable, "-c", imports], cwd=out, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert not (out / ".git").exists() and not (out / "runs").exists()
     assert len(regions) == len(project_regions()) and all(r.number in NUMBERS for r in regions)
@@ -176,13 +179,13 @@ def test_make_only_some_assignments_leaves_the_rest(tmp_path):
 def test_command_line_errors(tmp_path, capsys):
     """Unknown assignments and a non-empty output folder are clear errors, not tracebacks."""
     with pytest.raises(SystemExit, match="unknown assignment"):
-        cli(["assignments", "make", str(tmp_path / "kit"), "--only", "9"])
+        cli(["make", str(tmp_path / "kit"), "--only", "9"])
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x.txt").write_text("x")
     with pytest.raises(SystemExit, match="not empty"):
-        cli(["assignments", "make", str(tmp_path / "full")])
+        cli(["make", str(tmp_path / "full")])
     with pytest.raises(SystemExit, match="unknown assignment"):
-        cli(["assignments", "grade", "--only", "0"])
+        cli(["grade", "--only", "0"])
 
 
 @pytest.mark.slow

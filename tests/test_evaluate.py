@@ -1,4 +1,5 @@
-"""Attribute detector, caption fidelity, diversity and reconstruction metrics (tinyldm/evaluate.py)."""
+"""Attribute detector, caption fidelity, diversity, reconstruction metrics, and the evaluation protocol
+(tinyldm/evaluate.py)."""
 
 import math
 from types import SimpleNamespace
@@ -10,9 +11,12 @@ from test_ldm import tiny_model
 
 from tinyldm.data import (BACKGROUND, COLOUR_NAMES, POSITIONS, RELATIONS, SHAPES, SIZE_RADIUS, SIZES,
                           Scenes, ShapesConfig, ShapesDataset, describe, render, to_float)
-from tinyldm.evaluate import (ATTRIBUTES, _summarise, detect, detect_one, detector_accuracy, diversity,
-                              evaluate_model, fidelity, position_follows_prompt, prompt_set, psnr,
-                              reconstruction_report, score, targets_from_attributes, wilson_interval)
+from tinyldm.__main__ import _plot_eval
+from tinyldm.evaluate import (ATTRIBUTES, PROMPT_KINDS, _summarise, best_guidance_scale, classifier_sweep, detect,
+                              detector_accuracy, diversity, evaluate_model, fidelity, final_fidelity,
+                              guidance_sweep, position_follows_prompt, prompt_set, psnr, reconstruction,
+                              reconstruction_report, same_noise_test, sampler_sweep, score, targets_from_attributes,
+                              wilson_interval)
 
 
 def _scenes(objects):
@@ -58,7 +62,7 @@ def test_area_matches_the_geometry():
     H = 64
     r = SIZE_RADIUS[1] * H
     for shape, area in (("circle", math.pi * r * r), ("square", (1.7 * r) ** 2)):
-        det = detect_one(render(_scenes([[(shape, "red", "large", "center")]]), H)[0])
+        det = detect(render(_scenes([[(shape, "red", "large", "center")]]), H))[0]
         assert len(det) == 1 and det[0]["shape"] == shape
         assert det[0]["area"] * H * H == pytest.approx(area, rel=0.02)
         assert (det[0]["cx"], det[0]["cy"]) == pytest.approx((0.5, 0.5), abs=0.01)
@@ -338,3 +342,112 @@ def test_reconstruction_report():
     x_hat = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(x, 2), scale_factor=2)
     assert lossy["n"] == 16 and lossy["psnr"] == pytest.approx(psnr(x, x_hat), rel=1e-5)
     assert 10 < lossy["psnr"] < 40
+
+
+# ----------------------------------------------------------------------------------------------
+# The protocol of `python -m tinyldm evaluate`, step by step, on stand-in models
+
+
+class _RecordingModel:
+    """A stand-in for LatentDiffusion that draws each prompt's target (nothing for a prompt it does not
+    know) and records every generate() call: its prompts, its settings and its generator's first number."""
+    device, diffusion_cfg = torch.device("cpu"), SimpleNamespace(T=9)
+
+    def __init__(self, lookup=None):
+        self.lookup, self.calls = lookup or {}, []
+
+    def generate(self, prompts, steps, guidance_scale, sampler, generator, classifier_scale=0.0,
+                 classifier_grad=None):
+        self.calls.append({"prompts": list(prompts), "steps": steps, "s": guidance_scale, "sampler": sampler,
+                           "gamma": classifier_scale, "noise": torch.rand(1, generator=generator).item()})
+        return to_float(render(_scenes([self.lookup.get(p, []) for p in prompts]), 32))
+
+
+def _first_noise(seed):
+    return torch.rand(1, generator=torch.Generator().manual_seed(seed)).item()
+
+
+def test_sweeps_run_each_setting_from_the_same_noise(capsys):
+    """guidance_sweep and sampler_sweep: one run per setting, in order, on the same prompts, each from a
+    generator seeded afresh with `seed`; "ddimN" is DDIM with N steps, "ddpm" DDPM with all T; one
+    printed line per run (and the sweep's header)."""
+    rng = np.random.default_rng(0)
+    pairs = prompt_set("single", 3, seed=0) + prompt_set("two", 2, seed=0)
+    model = _RecordingModel({p: _render_target(t, rng) for p, t in pairs})
+    sweep = guidance_sweep(model, pairs, [1.0, 3.0, 2.0], images_per_prompt=2, steps=5, seed=7, batch_size=4)
+    assert [(r["guidance_scale"], r["steps"], r["sampler"]) for r in sweep] == [(1.0, 5, "ddim"), (3.0, 5, "ddim"),
+                                                                                (2.0, 5, "ddim")]
+    assert all(r["fidelity"]["all"]["all_correct"] == 1.0 and r["fidelity"]["all"]["n"] == 10 for r in sweep)
+    firsts = model.calls[::3]  # 10 images in batches of 4: three calls per run
+    assert [c["s"] for c in firsts] == [1.0, 3.0, 2.0] and all(c["prompts"] == firsts[0]["prompts"] for c in firsts)
+    assert [c["noise"] for c in firsts] == [_first_noise(7)] * 3
+    model.calls.clear()
+    samplers = sampler_sweep(model, pairs[:3], ["ddim2", "ddpm"], 3.0, images_per_prompt=1, seed=7)
+    assert [(r["sampler"], r["steps"], r["guidance_scale"]) for r in samplers] == [("ddim", 2, 3.0), ("ddpm", 9, 3.0)]
+    assert [c["noise"] for c in model.calls] == [_first_noise(7)] * 2
+    assert len(capsys.readouterr().out.splitlines()) == 1 + 3 + 2
+
+
+def test_best_guidance_scale_is_the_best_single_object_share_first_of_a_tie():
+    """The best scale is the one with the highest single-object all-correct share; a tie keeps the first."""
+    sweep = [{"guidance_scale": s, "fidelity": {"single": {"all_correct": a}, "two": {"all_correct": 1.0}}}
+             for s, a in ((1.0, 0.2), (3.0, 0.5), (5.0, 0.5), (7.0, 0.1))]
+    assert best_guidance_scale(sweep) == 3.0
+
+
+def test_final_fidelity_draws_fresh_prompts_one_image_each(capsys):
+    """The headline figures: n prompts of each kind drawn with seed + 1 (not those the scale was picked on),
+    one image each, at the given scale, from the noise of `seed`; a line per kind with every attribute."""
+    model = _RecordingModel()
+    result = final_fidelity(model, 2, guidance_scale=2.0, steps=3, seed=4)
+    assert model.calls[0]["prompts"] == [p for kind in PROMPT_KINDS for p, _ in prompt_set(kind, 2, seed=5)]
+    assert (model.calls[0]["s"], model.calls[0]["steps"], model.calls[0]["noise"]) == (2.0, 3, _first_noise(4))
+    assert result["images_per_prompt"] == 1 and all(result["fidelity"][k]["n"] == 2 for k in PROMPT_KINDS)
+    assert sum(line.startswith("  ") for line in capsys.readouterr().out.splitlines()) == len(PROMPT_KINDS)
+
+
+def test_classifier_sweep_compares_the_guidance_methods():
+    """For each γ: the unconditional model (empty prompts, s = 1) with the classifier, named "unconditional"
+    at γ = 0, then CFG at the given s with the classifier; last the prompts with no guidance at all;
+    every run from the same noise."""
+    pairs = prompt_set("single", 2, seed=0)
+    model = _RecordingModel()
+    results = classifier_sweep(model, object(), pairs, [0.0, 2.0], 3.0, images_per_prompt=1, steps=4, seed=1)
+    assert [(r["method"], r["guidance_scale"], r["classifier_scale"], r["use_prompts"]) for r in results] == [
+        ("unconditional", 1.0, 0.0, False), ("cfg+classifier", 3.0, 0.0, True), ("classifier", 1.0, 2.0, False),
+        ("cfg+classifier", 3.0, 2.0, True), ("conditional, no guidance", 1.0, 0.0, True)]
+    prompts = [p for p, _ in pairs]
+    assert [c["prompts"] for c in model.calls] == [["", ""], prompts, ["", ""], prompts, prompts]
+    assert [(c["s"], c["gamma"]) for c in model.calls] == [(1.0, 0.0), (3.0, 0.0), (1.0, 2.0), (3.0, 2.0), (1.0, 0.0)]
+    assert {c["noise"] for c in model.calls} == {_first_noise(1)}
+
+
+def test_same_noise_test_and_reconstruction_are_the_measurements_seeded():
+    """same_noise_test is position_follows_prompt from a generator seeded with `seed`; reconstruction is
+    reconstruction_report on the first n validation images at the model's image size."""
+    model = _SameNoiseModel(follow_noise=True)
+    model.device = torch.device("cpu")
+    report = same_noise_test(model, 2, guidance_scale=2.0, steps=3, seed=3, batch_size=5)
+    assert report == position_follows_prompt(model, 2, steps=3, guidance_scale=2.0,
+                                             generator=torch.Generator().manual_seed(3), batch_size=5)
+    model = SimpleNamespace(image_size=32, autoencoder=_Blur())
+    ds = ShapesDataset(ShapesConfig(image_size=32, num_val=8), "val")
+    assert reconstruction(model, 8) == reconstruction_report(_Blur(), ds)
+
+
+def test_eval_plot_draws_every_report_shape(tmp_path):
+    """eval.png is drawn for a full report and for one whose sampler sweep is DDPM alone (no DDIM steps to
+    put on the log axis)."""
+    rng = np.random.default_rng(0)
+    pairs = prompt_set("single", 2, seed=0)
+    model = _RecordingModel({p: _render_target(t, rng) for p, t in pairs})
+    sweep = guidance_sweep(model, pairs + prompt_set("two", 1) + prompt_set("held_out", 1), [1.0, 2.0],
+                           images_per_prompt=1, steps=2)
+    full = {"guidance_sweep": sweep, "best_guidance_scale": 1.0, "final": final_fidelity(model, 1, 1.0, steps=2),
+            "sampler_sweep": sampler_sweep(model, pairs, ["ddim2", "ddpm"], 1.0, images_per_prompt=1),
+            "guidance_methods": classifier_sweep(model, object(), pairs, [0.0, 1.0], 1.0, images_per_prompt=1, steps=2)}
+    ddpm_alone = dict(full, final=None, guidance_methods=[],
+                      sampler_sweep=sampler_sweep(model, pairs, ["ddpm"], 1.0, images_per_prompt=1))
+    for name, report in (("full", full), ("ddpm_alone", ddpm_alone)):
+        _plot_eval(report, tmp_path / f"{name}.png")
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000

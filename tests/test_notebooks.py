@@ -10,7 +10,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from tinyldm import notebook
+import helpers  # notebooks/helpers.py (pytest.ini puts notebooks/ on the path, as Jupyter does)
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = ("01_guidance_from_bayes", "02_noise_schedule", "03_autoencoder", "04_text_and_cross_attention",
@@ -23,20 +23,20 @@ def test_find_run_prefers_the_environment_then_the_best_trained_run(tmp_path, mo
         (tmp_path / name).mkdir()
         for f in ("model.json", "tokenizer.json", "model.pt")[: 2 if name == "half" else 3]:
             (tmp_path / name / f).write_text("")
-    monkeypatch.setattr(notebook, "RUNS", tmp_path)
+    monkeypatch.setattr(helpers, "RUNS", tmp_path)
     monkeypatch.delenv("TINYLDM_RUN", raising=False)
-    assert notebook.find_run(train_if_missing=False) == tmp_path / "cpu"
+    assert helpers.find_run(train_if_missing=False) == tmp_path / "cpu"
     monkeypatch.setenv("TINYLDM_RUN", str(tmp_path / "tiny"))
-    assert notebook.find_run(train_if_missing=False) == tmp_path / "tiny"
+    assert helpers.find_run(train_if_missing=False) == tmp_path / "tiny"
     monkeypatch.setenv("TINYLDM_RUN", str(tmp_path / "half"))
     with pytest.raises(FileNotFoundError, match="model.pt"):
-        notebook.find_run(train_if_missing=False)
+        helpers.find_run(train_if_missing=False)
     monkeypatch.delenv("TINYLDM_RUN")
-    monkeypatch.setattr(notebook, "RUNS", tmp_path / "none")
+    monkeypatch.setattr(helpers, "RUNS", tmp_path / "none")
     with pytest.raises(FileNotFoundError, match="train_small"):
-        notebook.find_run(train_if_missing=False)
+        helpers.find_run(train_if_missing=False)
     monkeypatch.setenv("TINYLDM_FAST", "1")
-    assert notebook.fast_mode()
+    assert helpers.fast_mode()
 
 
 def test_the_course_is_complete():

@@ -63,7 +63,8 @@ def sample(args):
 
 
 def _save_grid(grid, row_titles, path):
-    """grid (rows, cols, 3, H, W) uint8 -> PNG, one prompt per row."""
+    """grid (rows, cols, 3, H, W) uint8 -> PNG, one prompt per row. (show_data draws its own grid: it
+    titles every image with its own caption, where this labels a row with the prompt all its images share.)"""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,14 +127,13 @@ def autocast(device, enabled=True):
 
 def evaluate(args):
     """Caption fidelity over guidance scales and samplers, the same-noise position test, reconstruction
-    quality; eval.json + eval.png. Every share is printed and saved with its 95 % Wilson interval."""
+    quality (the protocol is tinyldm/evaluate.py's, step by step); eval.json + eval.png. Every share is
+    printed and saved with its 95 % Wilson interval."""
     import json
     from pathlib import Path
 
-    import torch
-
-    from tinyldm.data import ShapesConfig, ShapesDataset
-    from tinyldm.evaluate import evaluate_model, position_follows_prompt, prompt_set, reconstruction_report
+    from tinyldm.evaluate import (PROMPT_KINDS, best_guidance_scale, classifier_sweep, final_fidelity,
+                                  guidance_sweep, prompt_set, reconstruction, same_noise_test, sampler_sweep)
 
     for name in ("final_images", "same_noise"):  # checked before minutes of sampling, not after
         if getattr(args, name) < 0:
@@ -141,89 +141,35 @@ def evaluate(args):
     model, device = _load_run(args)
     classifier = _load_classifier(args, device) if args.classifier_scales else None
     out = Path(args.out or Path(args.run) / "eval.json")
-    prompts = {kind: prompt_set(kind, args.prompts_per_kind, seed=args.seed) for kind in ("single", "two", "held_out")}
-    everything = [pt for kind in prompts for pt in prompts[kind]]
+    prompts = {kind: prompt_set(kind, args.prompts_per_kind, seed=args.seed) for kind in PROMPT_KINDS}
     report = {"run": str(args.run), "device": str(device), "prompts_per_kind": args.prompts_per_kind,
               "images_per_prompt": args.images_per_prompt}
-
-    val = ShapesDataset(ShapesConfig(image_size=model.image_size, num_val=args.reconstruction_images), "val")
+    seed, batch_size = args.seed, args.batch_size  # every run draws its noise from seed, in batches
     with autocast(device):
-        report["reconstruction"] = reconstruction_report(model.autoencoder, val)
-    print(f"autoencoder: PSNR {report['reconstruction']['psnr']:.2f} dB on {len(val)} validation images; detector "
-          f"{report['reconstruction']['detector_originals']['all']:.3f} on originals, "
-          f"{report['reconstruction']['detector_reconstructions']['all']:.3f} on reconstructions")
-
-    def run(guidance, sampler, steps, pairs, images_per_prompt):
-        generator = torch.Generator(device).manual_seed(args.seed)
-        with autocast(device):
-            result = evaluate_model(model, pairs, images_per_prompt, steps=steps, guidance_scale=guidance,
-                                    sampler=sampler, generator=generator, batch_size=args.batch_size)
-        f = result["fidelity"]
-        print(f"{sampler}-{steps:<5} guidance {guidance:<4g} all-correct: "
-              + "  ".join(f"{k} {_share(f[k])}" for k in ("single", "two", "held_out") if k in f))
-        return result
-
-    def run_methods(method, guidance, gamma, use_prompts, pairs):
-        generator = torch.Generator(device).manual_seed(args.seed)
-        with autocast(device):
-            result = evaluate_model(model, pairs, args.images_per_prompt, steps=args.steps, guidance_scale=guidance,
-                                    generator=generator, batch_size=args.batch_size, classifier_scale=gamma,
-                                    use_prompts=use_prompts, classifier=classifier)
-        result["method"] = method
-        f, entropy = result["fidelity"]["single"], result["diversity"]["position"]["entropy"]
-        print(f"{method:<26} s {guidance:<4g} γ {gamma:<5g} all-correct {_share(f)}  position entropy "
-              + (f"{entropy:.2f}" if entropy is not None else "n/a"))
-        return result
-
-    print(f"{'sampler':<11}{'':14}(share of images with every mentioned attribute right [95 % Wilson interval])")
-    report["guidance_sweep"] = [run(g, "ddim", args.steps, everything, args.images_per_prompt) for g in args.guidance]
-    best = max(report["guidance_sweep"], key=lambda r: r["fidelity"]["single"]["all_correct"])
-    report["best_guidance_scale"] = best["guidance_scale"]
-    # the headline: fresh prompts (another seed, so the scale was not picked on them), one image each,
-    # so that the images are independent draws and the Wilson intervals hold
-    if args.final_images:
-        final = [pt for kind in ("single", "two", "held_out")
-                 for pt in prompt_set(kind, args.final_images, seed=args.seed + 1)]
-        report["final"] = run(best["guidance_scale"], "ddim", args.steps, final, 1)
-        for kind in ("single", "two", "held_out"):
-            f = report["final"]["fidelity"][kind]
-            print(f"  {kind:<9} n {f['n']}: all-correct {_share(f)}  "
-                  + "  ".join(f"{a} {_share(f, a)}" for a in ("colour", "shape", "size", "position", "relation") if a in f))
-    report["same_noise_position"] = None
-    if args.same_noise:  # does the prompt move the object when the starting noise is held fixed?
-        generator = torch.Generator(device).manual_seed(args.seed)
-        with autocast(device):
-            sn = position_follows_prompt(model, args.same_noise, steps=args.steps, guidance_scale=best["guidance_scale"],
-                                         generator=generator, batch_size=args.batch_size)
-        report["same_noise_position"] = sn
-        print(f"same noise, 9 positions each ({sn['n']} images, s {sn['guidance_scale']:g}): object in the prompted "
-              f"cell {_share(sn, 'hit')} (chance {sn['chance']:.3f}), in the noise's usual cell "
-              f"{_share(sn, 'follows_noise')}, moved by the prompt {_share(sn, 'moved')}")
-    report["sampler_sweep"] = []
-    if args.samplers:  # at the best guidance scale, on single-object prompts (fewer: DDPM takes T steps)
-        subset = prompts["single"][: args.sweep_prompts]
-        for name in args.samplers:
-            sampler, steps = ("ddpm", model.diffusion_cfg.T) if name == "ddpm" else ("ddim", int(name[4:]))
-            report["sampler_sweep"].append(run(best["guidance_scale"], sampler, steps, subset, args.images_per_prompt))
-    report["guidance_methods"] = []
-    if args.classifier_scales and classifier is not None:  # single-object prompts: the classifier's labels
-        subset, s = prompts["single"], best["guidance_scale"]
-        for gamma in args.classifier_scales:
-            for method, guidance, use_prompts in (("classifier", 1.0, False), ("cfg+classifier", s, True)):
-                if gamma == 0 and method == "classifier":  # γ = 0 without a prompt: the unconditional model
-                    method = "unconditional"
-                result = run_methods(method, guidance, gamma, use_prompts, subset)
-                report["guidance_methods"].append(result)
-        report["guidance_methods"].append(run_methods("conditional, no guidance", 1.0, 0.0, True, subset))
+        report["reconstruction"] = reconstruction(model, args.reconstruction_images)
+        everything = [pt for kind in PROMPT_KINDS for pt in prompts[kind]]
+        report["guidance_sweep"] = guidance_sweep(model, everything, args.guidance, args.images_per_prompt, args.steps,
+                                                  seed=seed, batch_size=batch_size)
+        best = best_guidance_scale(report["guidance_sweep"])
+        report["best_guidance_scale"] = best
+        if args.final_images:
+            report["final"] = final_fidelity(model, args.final_images, best, args.steps, seed=seed,
+                                             batch_size=batch_size)
+        report["same_noise_position"] = None
+        if args.same_noise:
+            report["same_noise_position"] = same_noise_test(model, args.same_noise, best, args.steps, seed=seed,
+                                                            batch_size=batch_size)
+        # on single-object prompts: fewer of them for the samplers (DDPM takes all T steps); the classifier's labels
+        report["sampler_sweep"] = sampler_sweep(model, prompts["single"][: args.sweep_prompts], args.samplers, best,
+                                                args.images_per_prompt, seed=seed, batch_size=batch_size)
+        report["guidance_methods"] = []
+        if args.classifier_scales and classifier is not None:
+            report["guidance_methods"] = classifier_sweep(model, classifier, prompts["single"], args.classifier_scales, best,
+                                                          args.images_per_prompt, args.steps, seed=seed,
+                                                          batch_size=batch_size)
     out.write_text(json.dumps(report, indent=2))
     _plot_eval(report, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
-
-
-def _share(summary, key="all_correct"):
-    """'0.912 [0.893, 0.928]': a share from a summary and its 95 % Wilson interval (key + "_ci")."""
-    lo, hi = summary[key + "_ci"]
-    return f"{summary[key]:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def _plot_eval(report, path):
@@ -259,7 +205,7 @@ def _plot_eval(report, path):
         for r in report["sampler_sweep"]:
             if r["sampler"] == "ddpm":
                 ax.axhline(r["fidelity"]["single"]["all_correct"], color="k", ls="--", label=f"DDPM {r['steps']} steps")
-        ax.set(xscale="log", xlabel="sampling steps", ylim=(0, 1.02),
+        ax.set(xscale="log" if ddim else "linear", xlabel="sampling steps", ylim=(0, 1.02),  # DDPM alone: no x data
                title=f"single-object fidelity vs steps (s = {report['best_guidance_scale']:g})")
         ax.legend()
     if report["guidance_methods"]:
@@ -337,11 +283,6 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.set_defaults(run_command=evaluate)
 
-    from tinyldm import assignments
-
-    p = commands.add_parser("assignments", help="course assignments: make a starter kit and handout, or grade")
-    assignments.add_arguments(p)
-    p.set_defaults(run_command=assignments.run)
 
     args = parser.parse_args(argv)
     args.run_command(args)

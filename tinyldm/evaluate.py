@@ -1,4 +1,5 @@
-"""Evaluate: read the attributes back out of Shapes images, score captions, measure reconstructions.
+"""Evaluate: read the attributes back out of Shapes images, score captions, measure reconstructions,
+and the protocol of `python -m tinyldm evaluate` that runs them all (at the end of this file).
 
 Every attribute of a Shapes image (shape, colour, size, position) is a simple geometric fact, so
 `detect` measures it with arithmetic on the pixels, and a generated image can be checked against
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import (BACKGROUND, COLOUR_NAMES, COLOURS, POSITIONS, RELATIONS, SHAPES, SIZE_RADIUS,
-                   SIZES, ShapesConfig, describe, to_float)
+                   SIZES, ShapesConfig, ShapesDataset, describe, to_float)
 
 ATTRIBUTES = ("shape", "colour", "size", "position")
 
@@ -192,11 +193,6 @@ def detect(images, chunk=256):
     with torch.no_grad():
         x = _to_255(images)
         return [obj for s in range(0, len(x), chunk) for obj in _detect_chunk(x[s:s + chunk])]
-
-
-def detect_one(image):
-    """`detect` for a single image (3, H, W)."""
-    return detect(image[None])[0]
 
 
 def detector_accuracy(detections, attributes):
@@ -533,3 +529,121 @@ def reconstruction_report(autoencoder, dataset, n=None, batch_size=64):
     return {"n": len(images), "psnr": torch.cat(values).mean().item(),
             "detector_originals": detector_accuracy(det_x, attributes),
             "detector_reconstructions": detector_accuracy(det_x_hat, attributes)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The protocol of `python -m tinyldm evaluate`: six measurements, in the order it runs them
+#   1. reconstruction     what the autoencoder keeps: PSNR, and the detector on reconstructions
+#   2. guidance_sweep     fidelity at each classifier-free guidance scale s (DDIM); the best s is
+#                         the one with the most single-object images all right
+#   3. final_fidelity     the headline figures: fresh prompts at the best s, one image each
+#   4. same_noise_test    does the prompt move the object when x_T is held fixed?
+#   5. sampler_sweep      DDIM with few steps against DDPM with all T, at the best s
+#   6. classifier_sweep   classifier guidance γ alone and on top of CFG, against CFG alone
+# Each prints one line per run and returns what eval.json stores. Every run draws its noise from a
+# fresh generator seeded with `seed`, so two settings differ only in the setting, not in the noise.
+
+def _seeded(model, seed):
+    """A generator on the model's device, seeded: each run starts from the same noise."""
+    return torch.Generator(model.device).manual_seed(seed)
+
+
+def _share(summary, key="all_correct"):
+    """'0.912 [0.893, 0.928]': a share from a summary and its 95 % Wilson interval (key + "_ci")."""
+    lo, hi = summary[key + "_ci"]
+    return f"{summary[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _print_run(result):
+    """One line per run of evaluate_model: sampler, steps, scale, and the all-correct share per kind."""
+    f = result["fidelity"]
+    print(f"{result['sampler']}-{result['steps']:<5} guidance {result['guidance_scale']:<4g} all-correct: "
+          + "  ".join(f"{kind} {_share(f[kind])}" for kind in PROMPT_KINDS if kind in f))
+
+
+def reconstruction(model, n_images):
+    """1. reconstruction_report of the model's autoencoder on the first n_images validation images."""
+    val = ShapesDataset(ShapesConfig(image_size=model.image_size, num_val=n_images), "val")
+    report = reconstruction_report(model.autoencoder, val)
+    print(f"autoencoder: PSNR {report['psnr']:.2f} dB on {len(val)} validation images; detector "
+          f"{report['detector_originals']['all']:.3f} on originals, "
+          f"{report['detector_reconstructions']['all']:.3f} on reconstructions")
+    return report
+
+
+def guidance_sweep(model, pairs, scales, images_per_prompt=4, steps=50, seed=0, batch_size=64):
+    """2. evaluate_model at each guidance scale s in `scales` (DDIM, `steps` steps): a list, in order."""
+    print(f"{'sampler':<11}{'':14}(share of images with every mentioned attribute right [95 % Wilson interval])")
+    results = []
+    for s in scales:
+        results.append(evaluate_model(model, pairs, images_per_prompt, steps=steps, guidance_scale=s, sampler="ddim",
+                                      generator=_seeded(model, seed), batch_size=batch_size))
+        _print_run(results[-1])
+    return results
+
+
+def best_guidance_scale(sweep):
+    """The scale of a guidance sweep with the highest single-object all-correct share (the first of a tie)."""
+    return max(sweep, key=lambda r: r["fidelity"]["single"]["all_correct"])["guidance_scale"]
+
+
+def final_fidelity(model, n, guidance_scale, steps=50, seed=0, batch_size=64):
+    """3. The headline figures: n fresh prompts of each kind (drawn with seed + 1, so the guidance scale
+    was not picked on them), one image each, so that the images are independent draws and the Wilson
+    intervals hold. Prints every attribute's share per kind."""
+    pairs = [pt for kind in PROMPT_KINDS for pt in prompt_set(kind, n, seed=seed + 1)]
+    result = evaluate_model(model, pairs, 1, steps=steps, guidance_scale=guidance_scale, sampler="ddim",
+                            generator=_seeded(model, seed), batch_size=batch_size)
+    _print_run(result)
+    for kind in PROMPT_KINDS:
+        f = result["fidelity"][kind]
+        said = ("colour", "shape", "size", "position", "relation")  # in the order a caption says them
+        print(f"  {kind:<9} n {f['n']}: all-correct {_share(f)}  " + "  ".join(f"{a} {_share(f, a)}" for a in said if a in f))
+    return result
+
+
+def same_noise_test(model, noises, guidance_scale, steps=50, seed=0, batch_size=64):
+    """4. position_follows_prompt with `noises` starting noises x_T, from a generator seeded with `seed`."""
+    report = position_follows_prompt(model, noises, steps=steps, guidance_scale=guidance_scale,
+                                     generator=_seeded(model, seed), batch_size=batch_size)
+    print(f"same noise, 9 positions each ({report['n']} images, s {report['guidance_scale']:g}): object in the "
+          f"prompted cell {_share(report, 'hit')} (chance {report['chance']:.3f}), in the noise's usual cell "
+          f"{_share(report, 'follows_noise')}, moved by the prompt {_share(report, 'moved')}")
+    return report
+
+
+def sampler_sweep(model, pairs, samplers, guidance_scale, images_per_prompt=4, seed=0, batch_size=64):
+    """5. evaluate_model per sampler name: "ddimN" is DDIM with N steps, "ddpm" is DDPM with all T steps."""
+    results = []
+    for name in samplers:
+        sampler, steps = ("ddpm", model.diffusion_cfg.T) if name == "ddpm" else ("ddim", int(name[4:]))
+        results.append(evaluate_model(model, pairs, images_per_prompt, steps=steps, guidance_scale=guidance_scale,
+                                      sampler=sampler, generator=_seeded(model, seed), batch_size=batch_size))
+        _print_run(results[-1])
+    return results
+
+
+def classifier_sweep(model, classifier, pairs, gammas, guidance_scale, images_per_prompt=4, steps=50, seed=0,
+                     batch_size=64):
+    """6. Classifier guidance (Guided Eq. 14) by `classifier` (a classifier.LatentClassifier) next to
+    classifier-free guidance, with DDIM, on single-object prompts (what the classifier has labels for). Each result carries its "method":
+      for each γ in gammas:  "classifier"      empty prompts (the unconditional model), s = 1, the
+                                               classifier at γ; at γ = 0 the plain "unconditional" model
+                             "cfg+classifier"  the prompts at guidance_scale, plus the classifier at γ
+      last:                  "conditional, no guidance"  the prompts at s = 1, no classifier."""
+    runs = []  # (method, guidance scale s, classifier scale γ, use the prompts?)
+    for gamma in gammas:
+        runs.append(("unconditional" if gamma == 0 else "classifier", 1.0, gamma, False))
+        runs.append(("cfg+classifier", guidance_scale, gamma, True))
+    runs.append(("conditional, no guidance", 1.0, 0.0, True))
+    results = []
+    for method, s, gamma, use_prompts in runs:
+        result = evaluate_model(model, pairs, images_per_prompt, steps=steps, guidance_scale=s, sampler="ddim",
+                                generator=_seeded(model, seed), batch_size=batch_size, classifier_scale=gamma,
+                                use_prompts=use_prompts, classifier=classifier)
+        result["method"] = method
+        entropy = result["diversity"]["position"]["entropy"]
+        print(f"{method:<26} s {s:<4g} γ {gamma:<5g} all-correct {_share(result['fidelity']['single'])}  "
+              "position entropy " + (f"{entropy:.2f}" if entropy is not None else "n/a"))
+        results.append(result)
+    return results

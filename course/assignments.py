@@ -9,15 +9,17 @@ comments that name the assignment:
         return ...
         # END ASSIGNMENT 1
 
-`python -m tinyldm assignments make OUT_DIR [--only N ...]` copies the project to OUT_DIR with the
-code between the markers replaced by `raise NotImplementedError("Assignment N: ...")`, and writes
+`python -m course make OUT_DIR [--only N ...]` copies the project to OUT_DIR with the code between
+the markers replaced by `raise NotImplementedError("Assignment N: ...")`, and writes
 OUT_DIR/HANDOUT.md. Each test that grades an assignment carries `@pytest.mark.assignment(N)`;
-`python -m tinyldm assignments grade [DIR] [--only N ...] [--json]` runs those tests and prints a
-score table. The tests without the marker check the project as a whole (training, the notebooks):
-they need every assignment done, so they are not graded.
+`python -m course grade [DIR] [--only N ...] [--json]` runs those tests and prints a score table.
+The tests without the marker check the project as a whole (training, the notebooks): they need
+every assignment done, so they are not graded.
+
+This is tooling for the repository (it reads tests/ and copies the whole tree), so it lives
+beside the package, not in it.
 """
 
-import json
 import os
 import re
 import shutil
@@ -28,7 +30,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]  # the repository root (tinyldm/..)
+ROOT = Path(__file__).resolve().parents[1]  # the repository root (course/..)
 BEGIN = re.compile(r"^(\s*)# BEGIN ASSIGNMENT (\d+)\b(.*)$")
 END = re.compile(r"^(\s*)# END ASSIGNMENT (\d+)\s*$")
 # never copied into a starter kit: history (it holds the solutions), run outputs, caches
@@ -168,8 +170,7 @@ def project_regions(root=ROOT):
     """All regions in root/tinyldm/*.py, in file order; every assignment must have at least one."""
     regions = []
     for file in sorted((Path(root) / "tinyldm").glob("*.py")):
-        if file.name != Path(__file__).name:  # this file only describes the markers
-            regions += find_regions(file.read_text(), str(file.relative_to(root)))
+        regions += find_regions(file.read_text(), str(file.relative_to(root)))
     missing = sorted(set(NUMBERS) - {r.number for r in regions})
     if missing:
         raise MarkerError(f"assignments {missing} have no marked region in {root}/tinyldm")
@@ -266,7 +267,7 @@ def handout(regions, only):
            "Each assignment is a set of marked regions in `tinyldm/` that raise `NotImplementedError`.",
            "Write the code between `# BEGIN ASSIGNMENT N` and `# END ASSIGNMENT N`; the docstrings and",
            "comments around each region say what goes in and what comes out. Grade yourself with",
-           "`python -m tinyldm assignments grade` (all) or `--only N`; the same tests run with",
+           "`python -m course grade` (all) or `--only N`; the same tests run with",
            "`python -m pytest --assignment N`. The other tests (training, notebooks) need every assignment.", ""]
     for a in ASSIGNMENTS:
         if a.number not in only:
@@ -277,7 +278,7 @@ def handout(regions, only):
         out += ["", f"The maths: {a.equations}", "", f"Read: {a.papers}."]
         if a.notebook:
             out += [f"The notebook that explains it: `{a.notebook}`."]
-        out += ["", f"Grade it: `python -m tinyldm assignments grade --only {a.number}`", ""]
+        out += ["", f"Grade it: `python -m course grade --only {a.number}`", ""]
     return "\n".join(out)
 
 
@@ -333,34 +334,3 @@ def print_table(result):
     print(f"{'':>3} {'total':<56} {result['passed']:>4}/{result['total']:<4}")
     for e in result["collection_errors"]:
         print(f"error (these tests were not collected, so the table misses them): {e['test']}: {e['message']}")
-
-
-def add_arguments(parser):
-    actions = parser.add_subparsers(dest="action", required=True)
-    p = actions.add_parser("make", help="write a starter kit (regions replaced by raise) and HANDOUT.md")
-    p.add_argument("out_dir", help="a new folder for the students' copy of the project")
-    p.add_argument("--only", type=int, nargs="+", metavar="N", help="remove only these assignments (default: all)")
-    p = actions.add_parser("grade", help="run each assignment's tests and print a score table")
-    p.add_argument("project_dir", nargs="?", default=".", help="the project to grade (default: .)")
-    p.add_argument("--only", type=int, nargs="+", metavar="N", help="grade only these assignments")
-    p.add_argument("--json", action="store_true", help="print the results as JSON (for autograders)")
-
-
-def run(args):
-    if args.action == "make":
-        try:
-            regions = make(args.out_dir, args.only)
-        except (ValueError, FileExistsError) as e:
-            raise SystemExit(f"error: {e}")
-        print(f"wrote {args.out_dir}: {len(regions)} regions removed "
-              f"(assignments {sorted({r.number for r in regions})}); handout: {Path(args.out_dir) / 'HANDOUT.md'}")
-        return
-    unknown = sorted(set(args.only or ()) - set(NUMBERS))
-    if unknown:
-        raise SystemExit(f"error: unknown assignment(s) {unknown}; the assignments are {NUMBERS}")
-    result = grade(args.project_dir, args.only)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_table(result)
-    raise SystemExit(0 if result["passed"] == result["total"] and not result["collection_errors"] else 1)

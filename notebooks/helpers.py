@@ -1,10 +1,14 @@
-"""What the notebooks share: where the repository is, fast mode, and a trained run to load.
+"""What the notebooks share: fast mode, and a trained run to load (`from helpers import fast_mode, find_run`).
 
 Notebooks 02–05 need a trained model. `find_run()` picks, in order:
   1. the folder in the environment variable TINYLDM_RUN (the tests point it at a tiny run);
   2. runs/small (`python train_small.py` on a GPU), then runs/cpu (`python train_small.py` on a CPU);
   3. runs/tiny, training it first (`python train_small.py --preset tiny`, about a minute on a CPU).
 TINYLDM_FAST=1 asks the notebooks for fewer samples and steps (the test suite sets it).
+
+It sits beside the notebooks, not in the package, because it may run train_small.py: the package
+never reaches up into the repository. Jupyter runs a notebook in its own folder, so the notebooks
+import it as `helpers`.
 """
 
 import os
@@ -12,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]  # the repository root (tinyldm/..)
+ROOT = Path(__file__).resolve().parents[1]  # the repository root (notebooks/..)
 RUNS = ROOT / "runs"
 PREFERRED = ("small", "cpu", "tiny")  # best first: the GPU run, the CPU run, the tiny run
 

@@ -1,0 +1,58 @@
+"""Command line: `python -m course make OUT_DIR` writes a starter kit, `python -m course grade [DIR]` grades one.
+
+  python -m course make ../starter              # every assignment removed; or --only 3 5
+  python -m course grade ../starter             # a score table; --only N, --json for autograders
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from course.assignments import NUMBERS, grade, make, print_table
+
+
+def make_command(args):
+    """Write the starter kit and its handout, or exit with a one-line error."""
+    try:
+        regions = make(args.out_dir, args.only)
+    except (ValueError, FileExistsError) as e:
+        raise SystemExit(f"error: {e}")
+    print(f"wrote {args.out_dir}: {len(regions)} regions removed "
+          f"(assignments {sorted({r.number for r in regions})}); handout: {Path(args.out_dir) / 'HANDOUT.md'}")
+
+
+def grade_command(args):
+    """Grade a project, print the table (or JSON); exit 0 only when every graded test passes."""
+    unknown = sorted(set(args.only or ()) - set(NUMBERS))
+    if unknown:
+        raise SystemExit(f"error: unknown assignment(s) {unknown}; the assignments are {NUMBERS}")
+    result = grade(args.project_dir, args.only)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_table(result)
+    raise SystemExit(0 if result["passed"] == result["total"] and not result["collection_errors"] else 1)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m course", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("make", help="write a starter kit (regions replaced by raise) and HANDOUT.md")
+    p.add_argument("out_dir", help="a new folder for the students' copy of the project")
+    p.add_argument("--only", type=int, nargs="+", metavar="N", help="remove only these assignments (default: all)")
+    p.set_defaults(run_command=make_command)
+
+    p = commands.add_parser("grade", help="run each assignment's tests and print a score table")
+    p.add_argument("project_dir", nargs="?", default=".", help="the project to grade (default: .)")
+    p.add_argument("--only", type=int, nargs="+", metavar="N", help="grade only these assignments")
+    p.add_argument("--json", action="store_true", help="print the results as JSON (for autograders)")
+    p.set_defaults(run_command=grade_command)
+
+    args = parser.parse_args(argv)
+    args.run_command(args)
+
+
+if __name__ == "__main__":
+    main()
