@@ -17,6 +17,7 @@ from tinyldm.autoencoder import (
     PatchDiscriminator,
     adaptive_weight,
     autoencoder_loss,
+    check_autoencoder_config,
     discriminator_loss,
     generator_adv_loss,
     hinge_d_loss,
@@ -69,14 +70,18 @@ def test_encode_decode_shapes(f):
 
 
 def test_encode_rejects_bad_images():
-    """H, W not divisible by f, or the wrong channel count, is a ValueError naming the problem."""
+    """H, W not divisible by f, or the wrong channel count, fails the module's assert that names the problem;
+    at the boundary (check_autoencoder_config with the image size) an indivisible size is a ValueError."""
     model = Autoencoder(tiny_config(channel_mult=(1, 2, 2)))  # f = 4
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(AssertionError, match="divisible"):
         model.encode(torch.randn(1, 3, 18, 16))
-    with pytest.raises(ValueError, match="expected images"):
+    with pytest.raises(AssertionError, match="expected images"):
         model.encode(torch.randn(1, 1, 16, 16))
-    with pytest.raises(ValueError, match="expected latents"):
+    with pytest.raises(AssertionError, match="expected latents"):
         model.decode(torch.randn(1, 3, 4, 4))  # z_channels is 4
+    with pytest.raises(ValueError, match="divisible"):
+        check_autoencoder_config(model.cfg, image_size=18)
+    check_autoencoder_config(model.cfg, image_size=16)
 
 
 def test_attention_matches_scaled_dot_product_attention():
@@ -155,11 +160,11 @@ def test_mode_is_mean_and_logvar_is_clamped():
 
 
 def test_from_moments_splits_channels():
-    """from_moments takes the first z channels as μ and the last z as log σ²; odd channels are an error."""
+    """from_moments takes the first z channels as μ and the last z as log σ²; odd channels fail its assert."""
     moments = torch.randn(2, 8, 3, 3)
     posterior = DiagonalGaussian.from_moments(moments)
     assert torch.equal(posterior.mean, moments[:, :4]) and torch.equal(posterior.logvar, moments[:, 4:])
-    with pytest.raises(ValueError, match="even"):
+    with pytest.raises(AssertionError, match="even"):
         DiagonalGaussian.from_moments(torch.randn(2, 7, 3, 3))
 
 
@@ -207,7 +212,7 @@ def autoencoder_and_discriminator():
     """A seeded tiny autoencoder and discriminator, two Shapes images x and their reconstructions x̂."""
     torch.manual_seed(0)
     model = Autoencoder(tiny_config())
-    disc = PatchDiscriminator(3, 8, n_layers=2)
+    disc = PatchDiscriminator(tiny_config(disc_channels=8, disc_layers=2))
     x = draw_shapes(2)
     x_hat, _ = model(x, generator=torch.Generator().manual_seed(0))
     return model, disc, x, x_hat
@@ -228,20 +233,39 @@ def test_adaptive_weight_on_model_matches_backward():
 
 
 def test_patch_discriminator_shapes():
-    """PatchGAN gives a (B, 1, h, w) logit map, works with batch 1, and rejects too-small images."""
+    """PatchGAN gives a (B, 1, h, w) logit map, works with batch 1, and rejects too-small images (its assert;
+    check_autoencoder_config gives the ValueError when the discriminator is on)."""
     torch.manual_seed(0)
-    disc = PatchDiscriminator(3, 8, n_layers=3)
+    disc = PatchDiscriminator(tiny_config(disc_channels=8, disc_layers=3))
     assert disc(torch.randn(1, 3, 32, 32)).shape == (1, 1, 2, 2)  # 32→16→8→4→3→2
-    assert PatchDiscriminator(3, 8, n_layers=2)(torch.randn(2, 3, 16, 16)).shape == (2, 1, 2, 2)
-    with pytest.raises(ValueError, match="at least 24"):
+    assert PatchDiscriminator(tiny_config(disc_channels=8, disc_layers=2))(torch.randn(2, 3, 16, 16)).shape == (2, 1, 2, 2)
+    with pytest.raises(AssertionError, match="at least 24"):
         disc(torch.randn(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="at least 24"):
+        check_autoencoder_config(tiny_config(disc_weight=0.1, disc_layers=3), image_size=16)
+    check_autoencoder_config(tiny_config(disc_weight=0.0, disc_layers=3), image_size=16)  # no discriminator
+
+
+@pytest.mark.parametrize("channels, layers, widths", [(8, 2, [8, 16, 32, 1]), (64, 3, [64, 128, 256, 512, 1]),
+                                                      (16, 4, [16, 32, 64, 128, 128, 1])])
+def test_patch_discriminator_follows_its_config(channels, layers, widths):
+    """PatchDiscriminator(cfg) is as wide and as deep as cfg.disc_channels and cfg.disc_layers say:
+    disc_layers stride-2 convs, widths doubling from disc_channels up to 8×, one logit channel; the
+    defaults are pix2pix' 70×70 PatchGAN (64 channels, 3 layers)."""
+    disc = PatchDiscriminator(AutoencoderConfig(disc_channels=channels, disc_layers=layers))
+    convs = [m for m in disc.net if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == widths and convs[0].in_channels == 3
+    assert sum(c.stride == (2, 2) for c in convs) == layers
+    assert AutoencoderConfig().disc_channels == 64 and AutoencoderConfig().disc_layers == 3
 
 
 @pytest.mark.assignment(4)
-def test_autoencoder_loss_is_rec_plus_weighted_kl():
-    """LDM Eq. 25 without the adversarial term: loss = L1(x, D(z)) + kl_weight·mean KL / (C·H·W), z from the generator."""
+@pytest.mark.parametrize("kind, rec_loss", [("l1", F.l1_loss), ("l2", F.mse_loss)])
+def test_autoencoder_loss_is_rec_plus_weighted_kl(kind, rec_loss):
+    """LDM Eq. 25 without the adversarial term: loss = L_rec(x, D(z)) + kl_weight·mean KL / (C·H·W), z from the
+    generator, with L_rec the config's L1 or L2 (the default)."""
     torch.manual_seed(0)
-    model = Autoencoder(tiny_config(kl_weight=0.01))
+    model = Autoencoder(tiny_config(kl_weight=0.01, recon_loss=kind))
     x = draw_shapes(2)
     loss, parts, _ = autoencoder_loss(model, x, step=0, generator=torch.Generator().manual_seed(3))
     parts = {k: float(v) for k, v in parts.items()}
@@ -249,7 +273,7 @@ def test_autoencoder_loss_is_rec_plus_weighted_kl():
     assert posterior.mean.shape == (2, 4, 8, 8)
     eps = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     z = posterior.mean + posterior.std * eps
-    rec = F.l1_loss(model.decode(z), x)
+    rec = rec_loss(model.decode(z), x)
     kl = kl_divergence(Normal(posterior.mean, posterior.std), Normal(0.0, 1.0)).sum(dim=(1, 2, 3)).mean()
     torch.testing.assert_close(loss, rec + 0.01 * kl / (3 * 16 * 16))
     assert parts["rec"] == pytest.approx(rec.item(), rel=1e-5)
@@ -262,7 +286,7 @@ def test_adversarial_term_switches_on_and_reaches_decoder():
     """After disc_start the loss gains λ·disc_weight·L_G ≠ 0, and its gradient reaches decoder and encoder."""
     torch.manual_seed(0)
     model = Autoencoder(tiny_config(disc_weight=0.5, disc_start=3))
-    disc = PatchDiscriminator(3, 8, n_layers=2)
+    disc = PatchDiscriminator(tiny_config(disc_channels=8, disc_layers=2))
     x = draw_shapes(2)
     loss_off, off, _ = autoencoder_loss(model, x, 2, disc, torch.Generator().manual_seed(0))
     loss_on, on, _ = autoencoder_loss(model, x, 3, disc, torch.Generator().manual_seed(0))
@@ -325,9 +349,10 @@ def test_config_json_round_trip():
     dict(kl_weight=-1.0),
 ])
 def test_bad_config_raises(bad):
-    """Invalid configurations are rejected with a ValueError."""
+    """Invalid configurations are rejected with a ValueError by the boundary's check (LatentDiffusion runs it)."""
     with pytest.raises(ValueError):
-        AutoencoderConfig(**bad)
+        check_autoencoder_config(AutoencoderConfig(**bad))
+    check_autoencoder_config(AutoencoderConfig())  # the defaults pass
 
 
 # ------------------------------------------------------------------------------------------

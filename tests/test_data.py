@@ -47,6 +47,22 @@ def test_deterministic_by_seed_split_index():
     assert torch.equal(ShapesDataset(cfg)[5][0], ShapesDataset(cfg)[5][0])
 
 
+def test_each_random_column_draws_one_thing():
+    """The column table of data.py: every U_* column is a distinct field of the image's uniforms."""
+    import tinyldm.data as data
+    columns = [c for name, v in vars(data).items() if name.startswith("U_")
+               for c in (v if isinstance(v, list) else [v])]
+    assert len(columns) == len(set(columns)) and all(0 <= c < data._N_FIELDS for c in columns)
+
+
+def test_captions_are_fixed_by_the_seed():
+    """The dataset is a function of the seed: these captions of seed 0 stay the same from version to version."""
+    scenes = sample_scenes(ShapesConfig(), "train", np.array([0, 1, 11, 13]))
+    assert scenes.captions == ["an image of a small yellow circle at the top", "a large blue triangle",
+                               "a picture of a large red cross at the top left and a large purple cross at "
+                               "the top right", "an image of a small green triangle above a big purple circle"]
+
+
 def test_seed_and_split_change_the_data():
     """Another seed, or the other split, gives other images."""
     base = sample_scenes(ShapesConfig(), "train", np.arange(200))

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from tinyldm.data import ShapesConfig, ShapesDataset
-from tinyldm.text_encoder import (BOS, PAD, UNK, TextEncoder, TextEncoderConfig, load_tokenizer,
-                                  tokenize, train_tokenizer)
+from tinyldm.text_encoder import (BOS, PAD, UNK, TextEncoder, TextEncoderConfig, check_text_encoder_config,
+                                  load_tokenizer, tokenize, train_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -165,11 +165,16 @@ def test_every_parameter_gets_a_gradient():
 
 
 def test_bad_input_is_a_clear_error():
-    """Too many tokens or a mismatched mask are ValueErrors; d_model must split into heads."""
+    """Too many tokens or a mismatched mask fail the encoder's asserts, with a message naming the problem;
+    d_model must split into heads: a ValueError from check_text_encoder_config (what LatentDiffusion runs),
+    and the attention's assert when the encoder is built by hand."""
     enc = _encoder()
-    with pytest.raises(ValueError, match="at most 10"):
+    with pytest.raises(AssertionError, match="at most 10"):
         enc(torch.zeros(1, 11, dtype=torch.long), torch.ones(1, 11, dtype=torch.bool))
-    with pytest.raises(ValueError, match="mask shape"):
+    with pytest.raises(AssertionError, match="mask shape"):
         enc(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="divisible"):
-        TextEncoderConfig(d_model=30, n_heads=4)
+        check_text_encoder_config(TextEncoderConfig(d_model=30, n_heads=4))
+    with pytest.raises(AssertionError, match="divisible"):
+        TextEncoder(TextEncoderConfig(d_model=30, n_heads=4))
+    check_text_encoder_config(TextEncoderConfig())  # the defaults pass

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tinyldm.unet import (Attention, FeedForward, ResBlock, SpatialTransformer, UNet, UNetConfig, attention,
-                          attention_weights, timestep_embedding)
+                          attention_weights, check_unet_config, timestep_embedding)
 
 
 def tiny_config(**overrides):
@@ -321,26 +321,39 @@ def test_gradients_reach_every_parameter():
 
 
 def test_bad_inputs_raise():
-    """Wrong shapes and configs are a clear ValueError, not a cryptic error deep inside a conv."""
+    """Wrong shapes fail the U-Net's asserts with a message naming the problem, not a cryptic error deep inside a
+    conv; wrong configs are a clear ValueError from check_unet_config (what LatentDiffusion runs), and the
+    U-Net's own asserts or GroupNorm still stop them when it is built by hand."""
     torch.manual_seed(0)
     net = UNet(tiny_config(channel_mult=(1, 2, 2), attention_levels=(1,)))  # needs H, W divisible by 4
     x, t, context = make_inputs(net.cfg)
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(AssertionError, match="divisible"):
         net(torch.randn(2, 4, 10, 16), t, context)
-    with pytest.raises(ValueError, match="context"):
+    with pytest.raises(AssertionError, match="context"):
         net(x, t, torch.randn(2, 5, net.cfg.context_dim + 1))
-    with pytest.raises(ValueError, match="x must have shape"):
+    with pytest.raises(AssertionError, match="x must have shape"):
         net(torch.randn(2, 3, 16, 16), t, context)
-    with pytest.raises(ValueError, match="context_mask"):
+    with pytest.raises(AssertionError, match="context_mask"):
         net(x, t, context, torch.ones(2, 4, dtype=torch.bool))
-    with pytest.raises(ValueError, match="t must"):
+    with pytest.raises(AssertionError, match="context_mask must be bool"):
+        net(x, t, context, torch.ones(2, 5))
+    with pytest.raises(AssertionError, match="t must"):
         net(x, torch.tensor([1, 2, 3]), context)
+    with pytest.raises(ValueError, match="divisible"):
+        check_unet_config(net.cfg, size=10)
     with pytest.raises(ValueError, match="num_groups"):
-        tiny_config(num_groups=7)
+        check_unet_config(tiny_config(num_groups=7))
     with pytest.raises(ValueError, match="num_heads"):
-        tiny_config(num_heads=3)
+        check_unet_config(tiny_config(num_heads=3))
     with pytest.raises(ValueError, match="attention_levels"):
-        tiny_config(attention_levels=(2,))
+        check_unet_config(tiny_config(attention_levels=(2,)))
+    check_unet_config(net.cfg, size=16)  # a good config passes
+    with pytest.raises(ValueError, match="num_groups"):  # built by hand: GroupNorm's own check
+        UNet(tiny_config(num_groups=7))
+    with pytest.raises(AssertionError, match="num_heads"):
+        UNet(tiny_config(num_heads=3))
+    with pytest.raises(AssertionError, match="attention_levels"):
+        UNet(tiny_config(attention_levels=(2,)))
 
 
 def test_config_json_round_trip():

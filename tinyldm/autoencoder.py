@@ -10,13 +10,16 @@ with a tiny KL weight (the latent only has to be "roughly Gaussian", not a good 
 optional PatchGAN adversarial term whose weight λ is set adaptively (VQGAN Eq. 7).
 
 What we leave out on purpose: LPIPS, the perceptual loss the LDM paper adds to L_rec, needs
-pretrained VGG weights that would have to be downloaded. We use a plain pixel loss (L1 by default)
-plus, optionally, the patch discriminator. The cost is blurrier fine texture; on the flat-coloured
-shapes of tinyldm's dataset there is no texture to lose, so it does not matter here. We also leave
+pretrained VGG weights that would have to be downloaded. We use a plain pixel loss (L2 by default,
+see `AutoencoderConfig.recon_loss`) plus, optionally, the patch discriminator. The cost is blurrier
+fine texture; on the flat-coloured shapes of tinyldm's dataset there is no texture to lose, so it
+does not matter here. We also leave
 out CompVis' learned output log-variance (its `logvar` parameter), which only rescales L_rec.
 
 Conventions: images are expected in [-1, 1]; the decoder output is not squashed (no tanh), as in
 CompVis. H and W must be divisible by f. All randomness takes an optional torch.Generator.
+The modules assert what they assume; `check_autoencoder_config`, at the end of the file, is the full
+check with advice, for the code a user calls (LatentDiffusion).
 """
 
 import math
@@ -25,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from tinyldm.unet import Downsample, Upsample  # the U-Net's stride-2 conv and nearest ×2 + conv, as in CompVis
 
 
 @dataclass
@@ -45,8 +50,8 @@ class AutoencoderConfig:
     # LPIPSWithDiscriminator (ldm/modules/losses/contperceptual.py) pairs |x - x̂| with a GAN. But on
     # Shapes, where objects cover a few % of the pixels, the median is "background everywhere" for a
     # long time: measured with train_small's cpu autoencoder (32x32, 400 Adam steps at 1e-3), L2
-    # reached 28.3 dB PSNR and L1 24.7 dB with the colours still wrong. train_small.py uses L2.
-    recon_loss: str = "l1"  # "l1" or "l2"
+    # reached 28.3 dB PSNR and L1 24.7 dB with the colours still wrong. So L2 is the default.
+    recon_loss: str = "l2"  # "l2" or "l1"
     disc_weight: float = 0.0  # weight of the adversarial term; 0 disables the discriminator
     disc_start: int = 0  # training step from which the adversarial term is switched on
     disc_channels: int = 64  # width of the first PatchDiscriminator layer
@@ -54,30 +59,6 @@ class AutoencoderConfig:
 
     def __post_init__(self):
         self.channel_mult = tuple(int(m) for m in self.channel_mult)  # JSON gives lists back
-        n = len(self.channel_mult)
-        if n not in (1, 2, 3, 4):
-            raise ValueError(f"downsample factor f = 2**(len(channel_mult)-1) must be 1, 2, 4 or 8; "
-                             f"got channel_mult={self.channel_mult} ({n} levels)")
-        for name in ("in_channels", "z_channels", "base_channels", "num_res_blocks",
-                     "disc_channels", "disc_layers"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if min(self.channel_mult) < 1:
-            raise ValueError(f"channel_mult entries must be >= 1, got {self.channel_mult}")
-        if self.num_groups < 1:
-            raise ValueError(f"num_groups must be >= 1, got {self.num_groups}")
-        widths = [self.base_channels] + [self.base_channels * m for m in self.channel_mult]
-        bad = [w for w in widths if w % self.num_groups != 0]
-        if bad:
-            raise ValueError(f"num_groups={self.num_groups} must divide every width {sorted(set(widths))} "
-                             f"(GroupNorm); it does not divide {sorted(set(bad))}")
-        if self.recon_loss not in ("l1", "l2"):
-            raise ValueError(f"recon_loss must be 'l1' or 'l2', got {self.recon_loss!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        for name in ("kl_weight", "disc_weight", "disc_start"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     @property
     def downsample_factor(self) -> int:
@@ -93,20 +74,16 @@ class DiagonalGaussian:
     """A diagonal Gaussian over latents: the encoder's posterior q(z|x) = N(mean, exp(logvar))."""
 
     def __init__(self, mean: torch.Tensor, logvar: torch.Tensor):
-        if mean.shape != logvar.shape:
-            raise ValueError(f"mean and logvar must have the same shape, got {tuple(mean.shape)} "
-                             f"and {tuple(logvar.shape)}")
         self.mean = mean
         self.logvar = logvar.clamp(-30.0, 20.0)  # as CompVis: keeps exp() finite
         self.std = torch.exp(0.5 * self.logvar)  # σ
         self.var = torch.exp(self.logvar)  # σ²
+        assert mean.shape == logvar.shape, f"mean {tuple(mean.shape)} and logvar {tuple(logvar.shape)} differ"
 
     @classmethod
     def from_moments(cls, moments: torch.Tensor) -> "DiagonalGaussian":
         """Split the encoder output (B, 2·z, h, w) into mean and log-variance along channels."""
-        if moments.dim() < 2 or moments.shape[1] % 2 != 0:
-            raise ValueError(f"moments must have an even number of channels (mean, logvar) in dim 1, "
-                             f"got shape {tuple(moments.shape)}")
+        assert moments.shape[1] % 2 == 0, f"moments need an even number of channels, got {tuple(moments.shape)}"
         mean, logvar = torch.chunk(moments, 2, dim=1)  # (B, z, h, w) each
         return cls(mean, logvar)
 
@@ -155,31 +132,13 @@ class ResnetBlock(nn.Module):
         return self.shortcut(x) + h
 
 
-class Downsample(nn.Module):
-    """Halve H and W with a stride-2 3×3 conv (CompVis pads (0,1,0,1) instead; same role)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)  # (B, C, H/2, W/2)
-
-
-class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour ×2, then a 3×3 conv to smooth the blocks."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
-        return self.conv(x)
-
-
 class AttnBlock(nn.Module):
-    """Single-head self-attention over the H·W positions of a feature map, with a residual."""
+    """Single-head self-attention over the H·W positions of a feature map, with a residual.
+
+    Written out here, not imported from unet.py: it is CompVis' single-head block with 1×1-conv
+    projections, and the autoencoder's assignment (4) must not run the U-Net's (5). Same precision
+    policy as the U-Net and the text encoder: QKᵀ in the input dtype, scale and softmax in float32.
+    """
 
     def __init__(self, channels: int, num_groups: int):
         super().__init__()
@@ -195,8 +154,8 @@ class AttnBlock(nn.Module):
         q = self.q(h).reshape(B, C, H * W).transpose(1, 2)  # (B, HW, C)
         k = self.k(h).reshape(B, C, H * W)  # (B, C, HW)  (already transposed)
         v = self.v(h).reshape(B, C, H * W).transpose(1, 2)  # (B, HW, C)
-        scores = torch.bmm(q, k) / math.sqrt(C)  # (B, HW, HW)  Transformer Eq. 1: QKᵀ/√d
-        attn = torch.softmax(scores, dim=-1)  # (B, HW, HW)  each query's weights sum to 1
+        scores = torch.bmm(q, k).float() / math.sqrt(C)  # (B, HW, HW)  Transformer Eq. 1: QKᵀ/√d
+        attn = torch.softmax(scores, dim=-1).to(v.dtype)  # (B, HW, HW)  each query's weights sum to 1
         out = torch.bmm(attn, v)  # (B, HW, C)  Transformer Eq. 1: softmax(QKᵀ/√d)·V
         out = out.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
         return x + self.proj_out(out)
@@ -284,18 +243,17 @@ class Autoencoder(nn.Module):
         self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        f = self.cfg.downsample_factor
-        if x.dim() != 4 or x.shape[1] != self.cfg.in_channels:
-            raise ValueError(f"expected images (B, {self.cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        """Images x (B, in, H, W) -> q(z|x) over latents (B, z, H/f, W/f)."""
         B, C, H, W = x.shape
-        if H % f != 0 or W % f != 0:
-            raise ValueError(f"H and W must be divisible by the downsample factor f={f}, got {H}×{W}")
+        f = self.cfg.downsample_factor
+        assert C == self.cfg.in_channels, f"expected images (B, {self.cfg.in_channels}, H, W), got {(B, C, H, W)}"
+        assert H % f == 0 and W % f == 0, f"H and W must be divisible by the downsample factor f={f}, got {H}×{W}"
         moments = self.quant_conv(self.encoder(x))  # (B, 2·z, H/f, W/f)
         return DiagonalGaussian.from_moments(moments)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        if z.dim() != 4 or z.shape[1] != self.cfg.z_channels:
-            raise ValueError(f"expected latents (B, {self.cfg.z_channels}, h, w), got {tuple(z.shape)}")
+        """Latents z (B, z, h, w) -> images x̂ (B, in, h·f, w·f)."""
+        assert z.shape[1] == self.cfg.z_channels, f"expected latents (B, {self.cfg.z_channels}, h, w), got {tuple(z.shape)}"
         return self.decoder(self.post_quant_conv(z))  # (B, in, h·f, w·f)
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = True,
@@ -315,7 +273,7 @@ class Autoencoder(nn.Module):
 # Losses
 
 
-def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, kind: str = "l2") -> torch.Tensor:
     """Mean over all pixels of |x − x̂| ("l1") or (x − x̂)² ("l2")."""
     if kind == "l1":
         return (x - x_hat).abs().mean()
@@ -332,24 +290,22 @@ def kl_loss(posterior: DiagonalGaussian) -> torch.Tensor:
 class PatchDiscriminator(nn.Module):
     """PatchGAN (Isola et al. 2017): one real/fake logit per overlapping image patch.
 
-    Stride-2 4×4 convs with LeakyReLU(0.2), then a stride-1 conv and a 1-channel conv. GroupNorm
-    replaces pix2pix' BatchNorm so that batches of 1 or 2 behave. Build it from the config with
-    PatchDiscriminator(cfg.in_channels, cfg.disc_channels, cfg.disc_layers).
+    Built from the autoencoder's config: 4×4 convs with LeakyReLU(0.2), the first cfg.disc_channels
+    wide, cfg.disc_layers of them with stride 2, then one with stride 1 (each after the first doubles
+    the width, up to 8×), then a 1-channel conv. The defaults (64 channels, 3 layers) are pix2pix'
+    70×70 PatchGAN. GroupNorm replaces pix2pix' BatchNorm so that batches of 1 or 2 behave.
     """
 
-    def __init__(self, in_channels: int = 3, channels: int = 64, n_layers: int = 3):
+    def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
-        if in_channels < 1 or channels < 1 or n_layers < 1:
-            raise ValueError(f"in_channels, channels and n_layers must be >= 1, got "
-                             f"{in_channels}, {channels}, {n_layers}")
-        self.n_layers = n_layers
-        layers = [nn.Conv2d(in_channels, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        channels, self.n_layers = cfg.disc_channels, cfg.disc_layers
+        layers = [nn.Conv2d(cfg.in_channels, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
         width = channels
-        for n in range(1, n_layers + 1):
+        for n in range(1, self.n_layers + 1):
             next_width = channels * min(2 ** n, 8)
-            stride = 2 if n < n_layers else 1  # the last of these keeps the resolution
+            stride = 2 if n < self.n_layers else 1  # the last of these keeps the resolution
             layers += [nn.Conv2d(width, next_width, 4, stride=stride, padding=1, bias=False),
-                       nn.GroupNorm(math.gcd(32, next_width), next_width),
+                       nn.GroupNorm(math.gcd(32, next_width), next_width),  # 32 groups, or fewer that divide
                        nn.LeakyReLU(0.2)]
             width = next_width
         layers.append(nn.Conv2d(width, 1, 4, stride=1, padding=1))  # one logit per patch
@@ -358,9 +314,7 @@ class PatchDiscriminator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         min_size = 3 * 2 ** self.n_layers  # n_layers halvings, then two 4×4 convs that each lose 1
-        if H < min_size or W < min_size:
-            raise ValueError(f"PatchDiscriminator with {self.n_layers} layers needs images of at least "
-                             f"{min_size}×{min_size}, got {H}×{W}; use fewer disc_layers")
+        assert min(H, W) >= min_size, f"{self.n_layers} layers need images of at least {min_size}, got {H}×{W}"
         return self.net(x)  # (B, 1, h, w) logits
 
 
@@ -437,3 +391,39 @@ def latent_scale_factor(z: torch.Tensor) -> float:
         raise ValueError(f"cannot scale latents: their std is {std} (need a finite std > 1e-8, "
                          f"i.e. latents that are not constant; got {z.numel()} values)")
     return 1.0 / std
+
+
+# ----------------------------------------------------------------------------------------------
+# The full check, for the code a user calls (LatentDiffusion); the modules above only assert
+
+
+def check_autoencoder_config(cfg: AutoencoderConfig, image_size: int | None = None):
+    """Raise ValueError, with what to change, if `cfg` (and images of side `image_size`) cannot work."""
+    n = len(cfg.channel_mult)
+    if n not in (1, 2, 3, 4):
+        raise ValueError(f"downsample factor f = 2**(len(channel_mult)-1) must be 1, 2, 4 or 8; "
+                         f"got channel_mult={cfg.channel_mult} ({n} levels)")
+    for name in ("in_channels", "z_channels", "base_channels", "num_res_blocks", "num_groups",
+                 "disc_channels", "disc_layers"):
+        if int(getattr(cfg, name)) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {getattr(cfg, name)}")
+    if min(cfg.channel_mult) < 1:
+        raise ValueError(f"channel_mult entries must be >= 1, got {cfg.channel_mult}")
+    widths = [cfg.base_channels] + [cfg.base_channels * m for m in cfg.channel_mult]
+    bad = [w for w in widths if w % cfg.num_groups != 0]
+    if bad:
+        raise ValueError(f"num_groups={cfg.num_groups} must divide every width {sorted(set(widths))} "
+                         f"(GroupNorm); it does not divide {sorted(set(bad))}")
+    if cfg.recon_loss not in ("l1", "l2"):
+        raise ValueError(f"recon_loss must be 'l1' or 'l2', got {cfg.recon_loss!r}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    for name in ("kl_weight", "disc_weight", "disc_start"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if image_size is not None and image_size % cfg.downsample_factor != 0:
+        raise ValueError(f"image_size {image_size} must be divisible by the downsample factor "
+                         f"f={cfg.downsample_factor} (channel_mult={cfg.channel_mult})")
+    if image_size is not None and cfg.disc_weight > 0 and image_size < 3 * 2 ** cfg.disc_layers:
+        raise ValueError(f"the patch discriminator with disc_layers={cfg.disc_layers} needs images of at least "
+                         f"{3 * 2 ** cfg.disc_layers} pixels a side, got {image_size}; use fewer disc_layers")

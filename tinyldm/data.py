@@ -99,7 +99,30 @@ class ShapesConfig:
 # Counter-based randomness: u(seed, split, i, field) in [0, 1), the same everywhere
 
 SPLITS = ("train", "val")
-_N_FIELDS = 32  # random numbers drawn per image (attributes, jitter, caption choices)
+_N_FIELDS = 32  # random numbers drawn per image: the columns below, and 6 spare
+
+# Which random number draws what. Image i gets one row u = _uniforms(seed, split, [i])[0] of _N_FIELDS
+# uniforms; each column has one job. A pair [a, b] is (object 0, object 1).
+# The scene (sample_scenes):
+U_TWO_OBJECTS = 0           # two objects when u < two_object_prob, else one
+U_COMBO = [1, 2]            # the (colour, shape) pair, among the pairs the split allows
+U_CELL = 3                  # object 0's grid cell
+U_OTHER_CELL = 4            # object 1's cell: 1..8 cells on from object 0's, so never the same
+U_SIZE = [5, 6]             # small or large
+U_JITTER_X = [7, 8]         # offset of the centre from the cell's centre, x
+U_JITTER_Y = [9, 10]        # ... and y
+# The caption (_caption):
+U_SAY_COLOUR = [11, 14]     # the caption names the colour when u < p_colour
+U_SAY_SIZE = [12, 15]       # ... the size when u < p_size
+U_SIZE_WORD = [13, 16]      # which synonym of the size ("large" or "big")
+U_PREFIX = 17               # which of PREFIXES starts the caption
+U_SAY_POSITION = 18         # one object: the caption names its position when u < p_position
+U_POSITION_WORD = 19        # one object: which synonym of the position ("top left" or "upper left")
+U_PLACE_FIRST = 20          # one object: the place comes first ("in the center, a red circle") when u < 0.25
+U_SAY_RELATION = 21         # two objects: a relation ("left of") when u < 0.6, else two places
+U_RELATION = 22             # two objects: which of the relations that hold
+U_RELATION_WORD = 23        # two objects: which synonym of the relation
+U_PLACE_WORD = [24, 25]     # two objects, two places: which synonym of each position
 
 
 def _splitmix64(x):
@@ -141,7 +164,7 @@ class Scenes:
     cell: np.ndarray        # (N, 2) index into POSITIONS
     cx: np.ndarray          # (N, 2) object centre x, fraction of the image width
     cy: np.ndarray          # (N, 2) object centre y, fraction of the image height (down)
-    choices: np.ndarray     # (N, F) uniforms left for the caption's random choices
+    choices: np.ndarray     # (N, _N_FIELDS) the image's uniforms (the column table); the caption reads them
     captions: list = field(default_factory=list)  # N strings
     mentions: list = field(default_factory=list)  # N lists of per-object dicts of bools
     relations: list = field(default_factory=list)  # N relation names or None
@@ -151,24 +174,24 @@ class Scenes:
 
 
 def sample_scenes(cfg, split, indices):
-    """Draw the attributes and captions of images `indices` of `split`."""
-    u = _uniforms(cfg.seed, split, indices)
+    """Draw the attributes and captions of images `indices` of `split` (columns: the table above)."""
+    u = _uniforms(cfg.seed, split, indices)                              # (N, _N_FIELDS)
     N = len(u)
     # (colour, shape) combinations allowed in this split: held-out pairs only outside "train"
     combos = [(c, s) for c in range(len(COLOURS)) for s in range(len(SHAPES))
               if split != "train" or (COLOUR_NAMES[c], SHAPES[s]) not in cfg.held_out]
-    combo = np.array(combos)[_pick(u[:, 1:3], len(combos))]              # (N, 2, 2)
-    cell0 = _pick(u[:, 3], 9)
-    cell1 = (cell0 + 1 + _pick(u[:, 4], 8)) % 9                          # a different cell
+    combo = np.array(combos)[_pick(u[:, U_COMBO], len(combos))]          # (N, 2, 2)
+    cell0 = _pick(u[:, U_CELL], 9)
+    cell1 = (cell0 + 1 + _pick(u[:, U_OTHER_CELL], 8)) % 9               # a different cell
     scenes = Scenes(
-        n_objects=np.where(u[:, 0] < cfg.two_object_prob, 2, 1),
+        n_objects=np.where(u[:, U_TWO_OBJECTS] < cfg.two_object_prob, 2, 1),
         colour=combo[..., 0], shape=combo[..., 1],
-        size=_pick(u[:, 5:7], 2),
+        size=_pick(u[:, U_SIZE], 2),
         cell=np.stack([cell0, cell1], axis=1),
-        cx=None, cy=None, choices=u[:, 11:])
+        cx=None, cy=None, choices=u)
     col, row = scenes.cell % 3, scenes.cell // 3
-    scenes.cx = (col + 0.5) / 3 + JITTER * (2 * u[:, 7:9] - 1)          # (N, 2)
-    scenes.cy = (row + 0.5) / 3 + JITTER * (2 * u[:, 9:11] - 1)         # (N, 2)
+    scenes.cx = (col + 0.5) / 3 + JITTER * (2 * u[:, U_JITTER_X] - 1)   # (N, 2)
+    scenes.cy = (row + 0.5) / 3 + JITTER * (2 * u[:, U_JITTER_Y] - 1)   # (N, 2)
     for i in range(N):
         caption, mentions, relation = _caption(cfg, scenes, i)
         scenes.captions.append(caption)
@@ -189,37 +212,37 @@ def _noun_phrase(colour, shape, size, say_colour, say_size, u_size):
 
 
 def _caption(cfg, scenes, i):
-    """Caption image i from its attributes and its leftover uniforms; also say what it mentions."""
-    u = scenes.choices[i]
+    """Caption image i from its attributes and its uniforms (the table above); also say what it mentions."""
+    u = scenes.choices[i]                                                # (_N_FIELDS,)
     objects, mentions = [], []
     for k in range(scenes.n_objects[i]):
-        say_colour, say_size = u[3 * k] < cfg.p_colour, u[3 * k + 1] < cfg.p_size
+        say_colour, say_size = u[U_SAY_COLOUR[k]] < cfg.p_colour, u[U_SAY_SIZE[k]] < cfg.p_size
         name = _noun_phrase(COLOUR_NAMES[scenes.colour[i, k]], SHAPES[scenes.shape[i, k]],
-                            SIZES[scenes.size[i, k]], say_colour, say_size, u[3 * k + 2])
+                            SIZES[scenes.size[i, k]], say_colour, say_size, u[U_SIZE_WORD[k]])
         objects.append(name)
         mentions.append({"shape": True, "colour": bool(say_colour), "size": bool(say_size),
                          "position": False})
-    prefix = PREFIXES[_pick(u[6], len(PREFIXES))]
+    prefix = PREFIXES[_pick(u[U_PREFIX], len(PREFIXES))]
     if scenes.n_objects[i] == 1:
-        if u[7] < cfg.p_position:
+        if u[U_SAY_POSITION] < cfg.p_position:
             position = POSITIONS[scenes.cell[i, 0]]
-            word = POSITION_WORDS[position][_pick(u[8], len(POSITION_WORDS[position]))]
+            word = POSITION_WORDS[position][_pick(u[U_POSITION_WORD], len(POSITION_WORDS[position]))]
             mentions[0]["position"] = True
-            if u[9] < 0.25:  # the place first: "in the center, a red circle"
+            if u[U_PLACE_FIRST] < 0.25:  # the place first: "in the center, a red circle"
                 return f"{_where(position, word)}, {objects[0]}", mentions, None
             return f"{prefix}{objects[0]} {_where(position, word)}", mentions, None
         return f"{prefix}{objects[0]}", mentions, None
     # two objects: relative ("a red circle left of a blue square") or absolute positions
     (c0, c1), (r0, r1) = scenes.cell[i] % 3, scenes.cell[i] // 3
     options = ([0 if c0 < c1 else 1] if c0 != c1 else []) + ([2 if r0 < r1 else 3] if r0 != r1 else [])
-    if u[10] < 0.6:
-        relation = RELATIONS[options[_pick(u[11], len(options))]]
-        word = RELATION_WORDS[relation][_pick(u[12], len(RELATION_WORDS[relation]))]
+    if u[U_SAY_RELATION] < 0.6:
+        relation = RELATIONS[options[_pick(u[U_RELATION], len(options))]]
+        word = RELATION_WORDS[relation][_pick(u[U_RELATION_WORD], len(RELATION_WORDS[relation]))]
         return f"{prefix}{objects[0]} {word} {objects[1]}", mentions, relation
     places = []
     for k in range(2):
         position = POSITIONS[scenes.cell[i, k]]
-        word = POSITION_WORDS[position][_pick(u[13 + k], len(POSITION_WORDS[position]))]
+        word = POSITION_WORDS[position][_pick(u[U_PLACE_WORD[k]], len(POSITION_WORDS[position]))]
         places.append(_where(position, word))
         mentions[k]["position"] = True
     return f"{prefix}{objects[0]} {places[0]} and {objects[1]} {places[1]}", mentions, None

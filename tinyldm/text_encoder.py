@@ -11,6 +11,9 @@ Tokenizer: word level (one id per word), trained with the `tokenizers` library: 
 split on whitespace and punctuation. A word never seen in training becomes [UNK]; it never raises.
 Every prompt starts with [BOS], so the empty prompt "" is one real token: its context c_u is the
 "unconditional" input of classifier-free guidance, and no attention row is ever empty.
+
+The modules assert what they assume; `check_text_encoder_config`, at the end of the file, is the
+full check with advice, for the code a user calls (LatentDiffusion).
 """
 
 import math
@@ -89,13 +92,14 @@ class TextEncoderConfig:
     mlp_ratio: int = 4         # hidden width of the MLP = mlp_ratio * d_model
     dropout: float = 0.0       # dropout on attention output and MLP (0 for small data)
 
-    def __post_init__(self):
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the tokens; padding keys are masked out."""
+    """Multi-head self-attention over the tokens; padding keys are masked out.
+
+    Written out here, not imported from unet.py: this file's assignment (7) must not run the U-Net's (5).
+    Same precision policy as the U-Net and the autoencoder: QKᵀ in the input dtype, then the scale,
+    the mask and the softmax in float32.
+    """
 
     def __init__(self, cfg):
         super().__init__()
@@ -103,6 +107,7 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.out = nn.Linear(cfg.d_model, cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
+        assert cfg.d_model % cfg.n_heads == 0, f"d_model={cfg.d_model} must be divisible by n_heads={cfg.n_heads}"
 
     def forward(self, x, mask):
         # BEGIN ASSIGNMENT 7: multi-head self-attention, [PAD] keys masked out
@@ -111,9 +116,9 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(D, dim=-1)                            # 3 x (B, L, D)
         q, k, v = (t.view(B, L, h, d).transpose(1, 2) for t in (q, k, v))  # (B, h, L, d)
         # Transformer Eq. 1: Attention(Q, K, V) = softmax(Q Kᵀ / √d) V
-        logits = q @ k.transpose(-2, -1) / math.sqrt(d)                    # (B, h, L, L)
+        logits = (q @ k.transpose(-2, -1)).float() / math.sqrt(d)          # (B, h, L, L)
         logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))  # no attending to [PAD]
-        weights = logits.float().softmax(dim=-1).to(v.dtype)
+        weights = logits.softmax(dim=-1).to(v.dtype)                       # (B, h, L, L), rows sum to 1
         y = (weights @ v).transpose(1, 2).reshape(B, L, D)                 # (B, L, D)
         return self.dropout(self.out(y))
         # END ASSIGNMENT 7
@@ -151,14 +156,28 @@ class TextEncoder(nn.Module):
         self.ln_final = nn.LayerNorm(cfg.d_model)
 
     def forward(self, token_ids, mask):
+        """token_ids (B, L) and mask (B, L) bool, True = real token (as `tokenize` gives) -> context (B, L, d)."""
         B, L = token_ids.shape
-        if L > self.cfg.max_length:
-            raise ValueError(f"got {L} tokens per prompt, the encoder takes at most {self.cfg.max_length}")
-        if mask.shape != token_ids.shape:
-            raise ValueError(f"mask shape {tuple(mask.shape)} != token_ids shape {tuple(token_ids.shape)}")
+        assert L <= self.cfg.max_length, f"got {L} tokens per prompt, the encoder takes at most {self.cfg.max_length}"
+        assert mask.shape == token_ids.shape, f"mask shape {tuple(mask.shape)} != token_ids shape {(B, L)}"
         # BEGIN ASSIGNMENT 7: embeddings, the blocks, the final LayerNorm
         x = self.token_embedding(token_ids) + self.position_embedding[:L]   # (B, L, d)
         for block in self.blocks:
             x = block(x, mask)
         return self.ln_final(x)                                             # (B, L, d)
         # END ASSIGNMENT 7
+
+
+# ----------------------------------------------------------------------------------------------
+# The full check, for the code a user calls (LatentDiffusion); the modules above only assert
+
+def check_text_encoder_config(cfg):
+    """Raise ValueError, with what to change, if `cfg` cannot work."""
+    for name in ("vocab_size", "max_length", "d_model", "n_layers", "n_heads", "mlp_ratio"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.d_model % cfg.n_heads:
+        raise ValueError(f"d_model={cfg.d_model} must be divisible by n_heads={cfg.n_heads} "
+                         "(each head is d_model / n_heads wide)")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")

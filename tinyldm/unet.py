@@ -11,6 +11,9 @@ uses:
 Zero-initialised layers (as in CompVis): the last conv of every ResBlock, the proj_out of every
 SpatialTransformer and conv_out. So at initialisation every residual branch is the identity and
 the whole U-Net outputs exactly 0; gradient descent switches the branches on.
+
+The modules assert what they assume; `check_unet_config`, at the end of the file, is the full check
+with advice, for the code a user calls (LatentDiffusion).
 """
 
 import math
@@ -42,29 +45,8 @@ class UNetConfig:
     # (CoordConv, Liu et al. 2018): the denoiser knows where each feature is, so "top left" can mean a place
 
     def __post_init__(self):
-        # JSON turns tuples into lists; accept both and store tuples.
-        self.channel_mult = tuple(int(m) for m in self.channel_mult)
+        self.channel_mult = tuple(int(m) for m in self.channel_mult)  # JSON turns tuples into lists
         self.attention_levels = tuple(int(i) for i in self.attention_levels)
-        if len(self.channel_mult) == 0 or min(self.channel_mult) < 1:
-            raise ValueError(f"channel_mult must be a non-empty tuple of positive ints, got {self.channel_mult}")
-        for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "num_heads",
-                     "transformer_depth", "context_dim", "num_groups"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for i in self.attention_levels:
-            if not 0 <= i < len(self.channel_mult):
-                raise ValueError(f"attention_levels must index channel_mult (0..{len(self.channel_mult) - 1}), "
-                                 f"got {self.attention_levels}")
-        widths = [self.model_channels * m for m in self.channel_mult]
-        for w in [self.model_channels] + widths:
-            if w % self.num_groups != 0:
-                raise ValueError(f"num_groups={self.num_groups} must divide every width "
-                                 f"(model_channels={self.model_channels}, widths {widths}); it does not divide {w}")
-        attention_widths = [widths[i] for i in self.attention_levels] + [widths[-1]]  # + the middle block
-        for w in attention_widths:
-            if w % self.num_heads != 0:
-                raise ValueError(f"num_heads={self.num_heads} must divide the width of every attention level "
-                                 f"(widths {attention_widths}); it does not divide {w}")
 
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -93,10 +75,14 @@ def attention_weights(q, k, mask=None):
     mask (B, Lk) bool, True = attend, False = ignore (padding tokens). Every row of the mask must
     have at least one True (the tokenizer always emits a begin token): a row of only False makes
     the softmax 0/0, undefined (NaN).
+
+    The text encoder (SelfAttention) and the autoencoder (AttnBlock) write attention out again instead
+    of importing this, so that each file's assignment stands alone; all three keep one precision
+    policy: QKᵀ in the input dtype, then the scale, the mask and the softmax in float32.
     """
     # BEGIN ASSIGNMENT 5: Transformer Eq. 1, the softmax part, in float32
     d = q.shape[-1]
-    logits = (q @ k.transpose(-2, -1)).float() * (1.0 / math.sqrt(d))  # Transformer Eq. 1: QKᵀ/√d, (B, heads, Lq, Lk)
+    logits = (q @ k.transpose(-2, -1)).float() / math.sqrt(d)  # Transformer Eq. 1: QKᵀ/√d, (B, heads, Lq, Lk)
     if mask is not None:
         logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))  # padding keys get weight exp(−∞) = 0
     return logits.softmax(dim=-1)  # softmax over keys, (B, heads, Lq, Lk)
@@ -126,8 +112,6 @@ class Attention(nn.Module):
 
     def __init__(self, query_dim, context_dim=None, heads=4, fused=True):
         super().__init__()
-        if query_dim % heads != 0:
-            raise ValueError(f"query_dim={query_dim} must be divisible by heads={heads}")
         self.is_cross = context_dim is not None  # cross-attention: keys and values come from the text
         context_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
@@ -137,6 +121,7 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim, query_dim, bias=False)  # W_K
         self.to_v = nn.Linear(context_dim, query_dim, bias=False)  # W_V
         self.to_out = nn.Linear(query_dim, query_dim)  # W_O, mixes the heads
+        assert query_dim % heads == 0, f"num_heads={heads} must divide the width {query_dim}"
 
     def forward(self, x, context=None, mask=None):
         """x (B, N, C), context (B, L, context_dim) or None, mask (B, L) bool or None -> (B, N, C)."""
@@ -238,7 +223,7 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halves H and W with a stride-2 3×3 conv."""
+    """Halves H and W with a stride-2 3×3 conv (the autoencoder uses it too; CompVis pads (0,1,0,1) there)."""
 
     def __init__(self, channels):
         super().__init__()
@@ -249,7 +234,7 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Doubles H and W: nearest-neighbour ×2, then a 3×3 conv."""
+    """Doubles H and W: nearest-neighbour ×2, then a 3×3 conv (the autoencoder uses it too)."""
 
     def __init__(self, channels):
         super().__init__()
@@ -313,6 +298,7 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(ch, cfg.out_channels, kernel_size=3, padding=1)
         nn.init.zeros_(self.conv_out.weight)  # zero-init (CompVis): the U-Net outputs 0 at init
         nn.init.zeros_(self.conv_out.bias)
+        assert all(0 <= i <= last for i in cfg.attention_levels), "attention_levels must index channel_mult"
 
     def set_fused_attention(self, flag: bool):
         """Switch every Attention between F.scaled_dot_product_attention (True) and the written-out path."""
@@ -338,42 +324,26 @@ class UNet(nn.Module):
                 h = layer(h)
         return h
 
-    def _check_inputs(self, x, t, context, context_mask):
-        cfg = self.cfg
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"x must have shape (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
-        B, C, H, W = x.shape
-        factor = 2 ** (len(cfg.channel_mult) - 1)
-        if H % factor != 0 or W % factor != 0:
-            raise ValueError(f"H and W must be divisible by 2**(len(channel_mult)-1) = {factor}, got H={H}, W={W}")
-        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != cfg.context_dim:
-            raise ValueError(f"context must have shape ({B}, L, {cfg.context_dim}), got {tuple(context.shape)}")
-        if context_mask is not None:
-            if tuple(context_mask.shape) != tuple(context.shape[:2]):
-                raise ValueError(f"context_mask must have shape {tuple(context.shape[:2])} (B, L), "
-                                 f"got {tuple(context_mask.shape)}")
-            if context_mask.is_floating_point() or context_mask.is_complex():
-                raise ValueError(f"context_mask must be bool (True = attend), got dtype {context_mask.dtype}")
-        if isinstance(t, (int, float)):
-            t = torch.full((B,), t, device=x.device)
-        elif t.ndim == 0:
-            t = t.expand(B)  # a 0-d tensor broadcasts over the batch
-        elif tuple(t.shape) != (B,):
-            raise ValueError(f"t must be a number, a 0-d tensor or have shape ({B},), got {tuple(t.shape)}")
-        if context_mask is not None and context_mask.dtype != torch.bool:
-            context_mask = context_mask != 0  # integer 0/1 masks: nonzero = attend
-        return t, context_mask
-
     def forward(self, x, t, context, context_mask=None):
-        """x (B, in_channels, H, W), t (B,), context (B, L, context_dim), context_mask (B, L) -> ε̂."""
-        t, context_mask = self._check_inputs(x, t, context, context_mask)
+        """x (B, in_channels, H, W), t (B,) or one step for all, context (B, L, context_dim), context_mask (B, L)
+        bool or 0/1, True = attend -> ε̂ (B, out_channels, H, W)."""
+        B, C, H, W = x.shape
+        f = 2 ** (len(self.cfg.channel_mult) - 1)  # H and W are halved once per level but the last
+        if not torch.is_tensor(t) or t.ndim == 0:
+            t = torch.as_tensor(t, device=x.device).expand(B)  # one step for the whole batch, (B,)
+        assert C == self.cfg.in_channels, f"x must have shape (B, {self.cfg.in_channels}, H, W), got {(B, C, H, W)}"
+        assert H % f == 0 and W % f == 0, f"H and W must be divisible by 2**(len(channel_mult)-1) = {f}, got {H}×{W}"
+        assert context.shape[::2] == (B, self.cfg.context_dim), "context must have shape (B, L, context_dim)"
+        assert context_mask is None or context_mask.shape == context.shape[:2], "context_mask must have shape (B, L)"
+        assert context_mask is None or not context_mask.is_floating_point(), "context_mask must be bool, True = attend"
+        assert t.shape == (B,), f"t must be a number, a 0-d tensor or have shape ({B},), got {tuple(t.shape)}"
+        context_mask = None if context_mask is None else context_mask.bool()  # 0/1 masks: nonzero = attend
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))  # (B, 4·mc)
         if self.context_embed is not None:  # + the mean of the context vectors the mask keeps
             keep = torch.ones_like(context[..., 0]) if context_mask is None else context_mask.to(context.dtype)  # (B, L)
             pooled = (context * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)  # (B, d)
             emb = emb + self.context_embed(pooled)  # e = MLP(emb(t)) + W·mean(c), the pooled path   (B, 4·mc)
         if self.cfg.coord_channels:
-            B, _, H, W = x.shape
             ys, xs = torch.meshgrid(torch.linspace(-1, 1, H, device=x.device, dtype=x.dtype),
                                     torch.linspace(-1, 1, W, device=x.device, dtype=x.dtype), indexing="ij")
             x = torch.cat([x, torch.stack([xs, ys]).expand(B, 2, H, W)], dim=1)  # CoordConv: [x_t, X, Y]   (B, C + 2, H, W)
@@ -388,3 +358,35 @@ class UNet(nn.Module):
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C_h + C_skip, H', W'): the U-Net skip connection
             h = self._run(layers, h, emb, context, context_mask)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, out_channels, H, W)
+
+
+# ----------------------------------------------------------------------------------------------
+# The full check, for the code a user calls (LatentDiffusion); the modules above only assert
+
+
+def check_unet_config(cfg: UNetConfig, size: int | None = None):
+    """Raise ValueError, with what to change, if `cfg` (and inputs of side `size`) cannot work."""
+    for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "num_heads",
+                 "transformer_depth", "context_dim", "num_groups"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if len(cfg.channel_mult) == 0 or min(cfg.channel_mult) < 1:
+        raise ValueError(f"channel_mult must be a non-empty tuple of positive ints, got {cfg.channel_mult}")
+    for i in cfg.attention_levels:
+        if not 0 <= i < len(cfg.channel_mult):
+            raise ValueError(f"attention_levels must index channel_mult (0..{len(cfg.channel_mult) - 1}), "
+                             f"got {cfg.attention_levels}")
+    widths = [cfg.model_channels * m for m in cfg.channel_mult]
+    for w in [cfg.model_channels] + widths:
+        if w % cfg.num_groups != 0:
+            raise ValueError(f"num_groups={cfg.num_groups} must divide every width "
+                             f"(model_channels={cfg.model_channels}, widths {widths}); it does not divide {w}")
+    attention_widths = [widths[i] for i in cfg.attention_levels] + [widths[-1]]  # + the middle block
+    for w in attention_widths:
+        if w % cfg.num_heads != 0:
+            raise ValueError(f"num_heads={cfg.num_heads} must divide the width of every attention level "
+                             f"(widths {attention_widths}); it does not divide {w}")
+    f = 2 ** (len(cfg.channel_mult) - 1)
+    if size is not None and size % f != 0:
+        raise ValueError(f"inputs of {size}×{size} cannot pass {len(cfg.channel_mult)} levels: H and W must be "
+                         f"divisible by 2**(len(channel_mult)-1) = {f}")
