@@ -216,3 +216,18 @@ def test_training_draws_t_from_the_noisy_end(monkeypatch):
     model.diffusion_cfg.p_noisy_t, model.diffusion_cfg.noisy_t_from = 1.0, 0.7
     model(z0, ids, mask, torch.Generator().manual_seed(0))
     assert seen[-1].min() >= 70 and seen[-1].max() == 99
+
+
+def test_bad_component_configs_fail_at_the_boundary():
+    """LatentDiffusion checks every component's config with a clear ValueError, before building anything:
+    heads that do not divide the U-Net's attention widths, an image side the autoencoder's f does not divide."""
+    tokenizer = train_tokenizer(CAPTIONS, vocab_size=50)
+    text = TextEncoderConfig(vocab_size=tokenizer.get_vocab_size(), max_length=12, d_model=32, n_layers=1, n_heads=2)
+    ae = AutoencoderConfig(base_channels=8, channel_mult=(1, 2, 2), num_groups=4, mid_attention=False)
+    unet = dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1), context_dim=32,
+                num_groups=4)
+    with pytest.raises(ValueError, match="num_heads"):
+        LatentDiffusion(tokenizer, text, ae, UNetConfig(num_heads=3, **unet), DiffusionConfig(), image_size=16)
+    with pytest.raises(ValueError):
+        LatentDiffusion(tokenizer, text, ae, UNetConfig(num_heads=2, **unet), DiffusionConfig(), image_size=18)
+    LatentDiffusion(tokenizer, text, ae, UNetConfig(num_heads=2, **unet), DiffusionConfig(), image_size=16)

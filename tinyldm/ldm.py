@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from tinyldm.autoencoder import Autoencoder, AutoencoderConfig
+from tinyldm.autoencoder import Autoencoder, AutoencoderConfig, check_autoencoder_config
 from tinyldm.diffusion import (DiffusionConfig, NoiseSchedule, ddim_sample, ddpm_sample, diffusion_loss,
                                make_beta_schedule, make_guided_eps, training_timesteps)
-from tinyldm.text_encoder import BOS, PAD, TextEncoder, TextEncoderConfig, load_tokenizer, tokenize
-from tinyldm.unet import UNet, UNetConfig
+from tinyldm.text_encoder import (BOS, PAD, TextEncoder, TextEncoderConfig, check_text_encoder_config, load_tokenizer,
+                                  tokenize)
+from tinyldm.unet import UNet, UNetConfig, check_unet_config
 
 SAMPLERS = ("ddim", "ddpm")
 
@@ -36,6 +37,10 @@ class LatentDiffusion(nn.Module):
     def __init__(self, tokenizer, text_cfg, autoencoder_cfg, unet_cfg, diffusion_cfg, image_size,
                  scale_factor=1.0):
         super().__init__()
+        # The boundary a user calls: every component's config is checked here, with what to change.
+        check_text_encoder_config(text_cfg)
+        check_autoencoder_config(autoencoder_cfg, image_size)
+        check_unet_config(unet_cfg, image_size // 2 ** (len(autoencoder_cfg.channel_mult) - 1))  # latent side
         if text_cfg.d_model != unet_cfg.context_dim:
             raise ValueError(f"text encoder width {text_cfg.d_model} != U-Net context_dim {unet_cfg.context_dim}")
         if autoencoder_cfg.z_channels != unet_cfg.in_channels:
