@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from tinyldm.__main__ import autocast, pick_device
+from tinyldm.__main__ import autocast, pick_device, save_grid
 from tinyldm.autoencoder import (AutoencoderConfig, DiagonalGaussian, PatchDiscriminator, autoencoder_loss,
                                  discriminator_loss, latent_scale_factor)
 from tinyldm.classifier import (ClassifierConfig, LatentClassifier, accuracy_by_timestep, classifier_loss,
@@ -343,21 +343,6 @@ def plot_classifier_accuracy(by_t, path):
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def save_grid(images, titles, path, cols):
-    """A grid of uint8 images (N, 3, H, W) with titles, as PNG."""
-    plt = _pyplot()
-    rows = math.ceil(len(images) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.1 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image, title in zip(axes.flat, images, titles):
-        ax.imshow(image.permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
-        ax.set_title(title, fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 

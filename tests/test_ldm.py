@@ -231,3 +231,22 @@ def test_bad_component_configs_fail_at_the_boundary():
     with pytest.raises(ValueError):
         LatentDiffusion(tokenizer, text, ae, UNetConfig(num_heads=2, **unet), DiffusionConfig(), image_size=18)
     LatentDiffusion(tokenizer, text, ae, UNetConfig(num_heads=2, **unet), DiffusionConfig(), image_size=16)
+
+
+def test_the_package_points_nowhere_above_it():
+    """Nothing in tinyldm/ imports or runs the training script, the benchmark, the course tooling or the
+    notebooks' helpers, or reads the tests: the package is the model, its data and its evaluation."""
+    import ast
+    from pathlib import Path
+
+    import tinyldm
+
+    for path in Path(tinyldm.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+        assert not imported & {"train_small", "bench", "course", "helpers", "tests", "subprocess"}, path.name
+        strings = [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+        assert not any(s.endswith(("train_small.py", "bench.py")) or s.startswith("tests/") for s in strings), path.name

@@ -6,26 +6,17 @@ import sys
 
 def show_data(args):
     """Save a grid of Shapes images with their captions (the README's data figure)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from tinyldm.data import ShapesConfig, ShapesDataset
 
     ds = ShapesDataset(ShapesConfig(image_size=args.image_size, num_train=args.rows * args.cols,
                                     seed=args.seed), "train")
-    images = ds.images_uint8()
-    fig, axes = plt.subplots(args.rows, args.cols, figsize=(2.2 * args.cols, 2.8 * args.rows))
-    for i, ax in enumerate(axes.flat):
-        ax.imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
-        words, lines = ds.captions[i].split(), [""]
-        for w in words:  # wrap the caption at ~24 characters
+    titles = []
+    for caption in ds.captions:  # wrap each caption at ~24 characters
+        lines = [""]
+        for w in caption.split():
             lines[-1:] = [lines[-1] + " " + w] if len(lines[-1]) + len(w) < 24 else [lines[-1], w]
-        ax.set_title("\n".join(line.strip() for line in lines), fontsize=7)
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=args.dpi)
+        titles.append("\n".join(line.strip() for line in lines))
+    save_grid(ds.images_uint8(), titles, args.out, cols=args.cols, cell=(2.2, 2.8), fontsize=7, dpi=args.dpi)
     print(f"wrote {args.out}")
 
 
@@ -62,9 +53,31 @@ def sample(args):
     print(f"wrote {args.out}")
 
 
+def save_grid(images, titles, path, cols, cell=(1.9, 2.1), fontsize=6, dpi=90):
+    """uint8 images (N, 3, H, W), one title each, in rows of `cols` -> PNG; `cell` is each image's
+    (width, height) in inches. show_data and train_small.py's grids use it."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = math.ceil(len(images) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cell[0] * cols, cell[1] * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, images, titles):
+        ax.imshow(image.permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+        ax.set_title(title, fontsize=fontsize)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def _save_grid(grid, row_titles, path):
-    """grid (rows, cols, 3, H, W) uint8 -> PNG, one prompt per row. (show_data draws its own grid: it
-    titles every image with its own caption, where this labels a row with the prompt all its images share.)"""
+    """grid (rows, cols, 3, H, W) uint8 -> PNG, one prompt per row. (Not save_grid: this labels each row
+    with the prompt all its images share, where save_grid titles every image.)"""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -46,12 +46,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinyldm.data import COLOUR_NAMES, POSITIONS, SHAPES, SIZES
+from tinyldm.data import ATTRIBUTES, COLOUR_NAMES, POSITIONS, SHAPES, SIZES
 from tinyldm.diffusion import draw_t_and_eps
 from tinyldm.ldm import write_atomic
 from tinyldm.unet import Downsample, ResBlock, timestep_embedding
 
-HEADS = ("shape", "colour", "size", "position")  # column order of labels and targets
+HEADS = ATTRIBUTES  # column order of labels and targets: (shape, colour, size, position)
 CLASSES = (SHAPES, COLOUR_NAMES, SIZES, POSITIONS)  # the class names of each head, same order
 
 

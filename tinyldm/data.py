@@ -50,6 +50,7 @@ POSITIONS = ("top left", "top", "top right",
              "left", "center", "right",
              "bottom left", "bottom", "bottom right")  # index = 3 * row + col
 RELATIONS = ("left of", "right of", "above", "below")
+ATTRIBUTES = ("shape", "colour", "size", "position")  # what a caption can say of one object
 
 SIZE_RADIUS = (0.09, 0.145)  # object "radius" as a fraction of the image side, per size
 JITTER = 0.02                # max offset of an object from its grid cell's centre (image fraction)

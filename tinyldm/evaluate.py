@@ -39,10 +39,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import (BACKGROUND, COLOUR_NAMES, COLOURS, POSITIONS, RELATIONS, SHAPES, SIZE_RADIUS,
+from .data import (ATTRIBUTES, BACKGROUND, COLOUR_NAMES, COLOURS, POSITIONS, RELATIONS, SHAPES, SIZE_RADIUS,
                    SIZES, ShapesConfig, ShapesDataset, describe, to_float)
 
-ATTRIBUTES = ("shape", "colour", "size", "position")
 
 # ----------------------------------------------------------------------------------------------
 # The detector's constants, derived from data.py's geometry (r = object radius, SIZE_RADIUS * H)
