@@ -31,6 +31,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -45,15 +46,15 @@ from tqdm import tqdm
 
 from tinyldm.__main__ import autocast, pick_device, save_grid
 from tinyldm.autoencoder import (AutoencoderConfig, DiagonalGaussian, PatchDiscriminator, autoencoder_loss,
-                                 discriminator_loss, latent_scale_factor)
+                                 check_autoencoder_config, discriminator_loss, latent_scale_factor)
 from tinyldm.classifier import (ClassifierConfig, LatentClassifier, accuracy_by_timestep, classifier_loss,
                                 labels_from_scenes, save_classifier)
 from tinyldm.data import (DataError, ImageFolderDataset, ShapesConfig, ShapesDataset, describe, to_float,
                           to_uint8)
 from tinyldm.diffusion import DiffusionConfig
 from tinyldm.ldm import LatentDiffusion, write_atomic
-from tinyldm.text_encoder import TextEncoderConfig, tokenize, train_tokenizer
-from tinyldm.unet import UNetConfig
+from tinyldm.text_encoder import TextEncoderConfig, check_text_encoder_config, tokenize, train_tokenizer
+from tinyldm.unet import UNetConfig, check_unet_config
 
 
 @dataclass
@@ -131,6 +132,89 @@ PRESETS = {
 }
 RESUME_MAY_CHANGE = {"resume", "overwrite", "device", "compile", "log_every", "checkpoint_every",
                      "sample_every", "sample_steps", "guidance_scale"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Every setting checked at once, before any file is read, written or deleted
+
+# what each TrainConfig number accepts: (fields, test, what the flag accepts); a NaN fails every test
+RANGES = [
+    (("ae_steps", "steps", "num_train", "num_val", "ae_batch_size", "batch_size", "log_every", "checkpoint_every",
+      "sample_steps", "classifier_channels"), lambda v: v >= 1, "an integer >= 1"),
+    (("seed", "warmup", "disc_start", "classifier_steps", "sample_every"), lambda v: v >= 0, "an integer >= 0"),
+    (("vocab_size",), lambda v: v >= 4, "an integer >= 4 (3 special tokens and at least one word)"),
+    (("max_length",), lambda v: v >= 2, "an integer >= 2 (the start token and at least one word)"),
+    (("image_size",), lambda v: v >= 16, "an integer >= 16 (pixels a side)"),
+    (("lr", "ae_lr", "classifier_lr", "grad_clip"), lambda v: 0 < v < math.inf, "a finite number > 0"),
+    (("weight_decay", "kl_weight", "disc_weight"), lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    (("ema_decay",), lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    (("p_position",), lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    (("guidance_scale",), lambda v: -math.inf < v < math.inf, "a finite number"),
+]
+# the components' names for the settings they check, as the flags that set them
+COMPONENT_FLAGS = {
+    "text encoder": {"vocab_size": "--vocab-size", "max_length": "--max-length", "d_model": "--text-width",
+                     "n_layers": "--text-layers", "n_heads": "--heads"},
+    "autoencoder": {"base_channels": "--ae-channels", "num_groups": "--ae-channels", "channel_mult": "--ae-mult",
+                    "recon_loss": "--recon-loss", "kl_weight": "--kl-weight", "disc_weight": "--disc-weight",
+                    "disc_start": "--disc-start", "image_size": "--image-size"},
+    "U-Net": {"model_channels": "--unet-channels", "num_groups": "--unet-channels", "channel_mult": "--unet-mult",
+              "num_res_blocks": "--unet-res-blocks", "attention_levels": "--unet-attention",
+              "num_heads": "--heads", "context_dim": "--text-width"},
+    "diffusion": {"schedule": "--schedule", "prediction": "--prediction", "p_uncond": "--p-uncond",
+                  "p_noisy_t": "--p-noisy-t", "noisy_t_from": "--noisy-t-from"},
+}
+
+
+def flag_of(field):
+    """The command-line flag of a TrainConfig field: ae_steps -> --ae-steps."""
+    return "--" + field.replace("_", "-")
+
+
+def check_config(cfg):
+    """Raise SystemExit, one line naming the flag and what it accepts, for any setting that cannot work.
+    main() calls it first, so that a typo never costs a run folder (not even with --overwrite)."""
+    name = cfg.name
+    if name in ("", ".", "..") or Path(name).name != name or "/" in name or "\\" in name:
+        raise SystemExit(f"--name must be one folder name inside --runs-dir (no /, not . or ..); got {name!r}")
+    for names, ok, accepts in RANGES:
+        for field in names:
+            if not ok(getattr(cfg, field)):
+                raise SystemExit(f"{flag_of(field)} must be {accepts}; got {getattr(cfg, field)!r}")
+    try:
+        device = pick_device(cfg.device)
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"no {device}")
+    except (RuntimeError, ValueError):  # an unknown name, or a GPU torch does not see
+        raise SystemExit(f"--device must be auto, cpu, or cuda / cuda:N where torch.cuda.is_available(); "
+                         f"got {cfg.device!r}")
+    try:  # the components' own checks, in their words, with each name they use turned into its flag
+        component = "diffusion"
+        text_cfg, ae_cfg, unet_cfg, diffusion_cfg = component_configs(cfg, cfg.vocab_size)  # checks diffusion
+        component = "text encoder"
+        check_text_encoder_config(text_cfg)
+        component = "autoencoder"
+        check_autoencoder_config(ae_cfg, cfg.image_size)
+        component = "U-Net"  # its inputs are the latents: the image side over the autoencoder's f
+        latent_size = cfg.image_size // ae_cfg.downsample_factor
+        unet_f = 2 ** (len(cfg.unet_mult) - 1)
+        if latent_size % unet_f:
+            raise SystemExit(f"--image-size must be divisible by {ae_cfg.downsample_factor * unet_f} (the "
+                             f"autoencoder's f={ae_cfg.downsample_factor} times the U-Net's {unet_f} from "
+                             f"--unet-mult); got {cfg.image_size}")
+        check_unet_config(unet_cfg, latent_size)
+    except ValueError as e:
+        raise SystemExit(f"{component}: {in_flags(str(e), COMPONENT_FLAGS[component])}")
+    if cfg.sample_steps > diffusion_cfg.T:
+        raise SystemExit(f"--sample-steps must be at most the {diffusion_cfg.T} diffusion steps; "
+                         f"got {cfg.sample_steps}")
+
+
+def in_flags(message, names):
+    """`message` with each component setting it names written as the flag that sets it."""
+    for name, flag in names.items():
+        message = re.sub(rf"\b{name}\b", flag, message)
+    return message
 
 
 def parse_args(argv=None):
@@ -674,6 +758,7 @@ def save_run(run, model, prompts):
 
 def main(argv=None):
     cfg = parse_args(argv)
+    check_config(cfg)  # every setting, before anything is written or deleted
     # 1. devices and processes (torchrun sets WORLD_SIZE, RANK and LOCAL_RANK)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
