@@ -1,13 +1,25 @@
 """Command line: `python -m tinyldm COMMAND ...` (`python -m tinyldm --help` lists them)."""
 
 import argparse
+import math
+import os
 import sys
+import tempfile
+from pathlib import Path
+
+# the guidance scales a command accepts: s = 1 is no guidance, 0 the unconditional model; past ~100 the
+# guided noise estimate is pure amplified difference and the images saturate, so a larger value is a typo
+GUIDANCE_RANGE = (0.0, 100.0)
 
 
 def show_data(args):
     """Save a grid of Shapes images with their captions (the README's data figure)."""
     from tinyldm.data import ShapesConfig, ShapesDataset
 
+    for name in ("rows", "cols", "dpi"):
+        _check_at_least(args, name, 1)
+    _check_at_least(args, "image_size", 16)
+    _check_out("--out", args.out, (".png",))
     ds = ShapesDataset(ShapesConfig(image_size=args.image_size, num_train=args.rows * args.cols,
                                     seed=args.seed), "train")
     titles = []
@@ -26,17 +38,14 @@ def sample(args):
 
     from tinyldm.data import to_uint8
 
+    target = _check_sample_args(args)  # every argument and the output path, before the run is loaded
     model, device = _load_run(args)
     prompts = [p for p in args.prompts for _ in range(args.num_images)]
     generator = torch.Generator(device).manual_seed(args.seed)
     guide = {}
     if args.classifier_scale:
-        from tinyldm.classifier import classifier_targets, make_classifier_grad
+        from tinyldm.classifier import make_classifier_grad
 
-        try:
-            target = classifier_targets(dict(pair.split("=", 1) for pair in args.target.split(",") if pair))
-        except ValueError as e:
-            raise SystemExit(f"error: --target {args.target!r}: {e} (e.g. --target colour=red,shape=circle)")
         classifier = _load_classifier(args, device)
         if classifier is None:
             raise SystemExit(f"error: --classifier-scale needs a run with a classifier; {args.run} has none "
@@ -51,6 +60,74 @@ def sample(args):
     grid = to_uint8(images).view(len(args.prompts), args.num_images, 3, *images.shape[-2:])
     _save_grid(grid, args.prompts, args.out)
     print(f"wrote {args.out}")
+
+
+def _check_sample_args(args):
+    """Exit with a one-line error for any bad argument of `sample`; the classifier target (None without
+    classifier guidance) parsed, so that nothing fails after minutes of sampling."""
+    for i, prompt in enumerate(args.prompts):
+        _check_text(f"prompt {i + 1}", prompt)
+    _check_text("--target", args.target)
+    _check_at_least(args, "num_images", 1)
+    _check_at_least(args, "steps", 1)
+    _check_guidance_scale("--guidance-scale", args.guidance_scale)
+    if not 0 <= args.eta <= 1:  # also refuses nan: every comparison with nan is False
+        raise SystemExit(f"error: --eta must be in [0, 1] (0 deterministic DDIM, 1 DDPM-like), got {args.eta}")
+    if not math.isfinite(args.classifier_scale) or args.classifier_scale < 0:
+        raise SystemExit(f"error: --classifier-scale must be a finite number >= 0 (0 = off), got {args.classifier_scale}")
+    _check_out("--out", args.out, (".png",))
+    if not args.classifier_scale:
+        if args.target:  # a target without a scale would be silently ignored
+            raise SystemExit(f"error: --target {args.target!r} needs --classifier-scale γ > 0 to guide towards it")
+        return None
+    if not args.target:  # a scale without a target guides towards nothing
+        raise SystemExit("error: --classifier-scale needs --target, the attributes to guide towards "
+                         "(e.g. --target colour=red,shape=circle)")
+    from tinyldm.classifier import classifier_targets
+
+    try:
+        return classifier_targets(dict(pair.split("=", 1) for pair in args.target.split(",") if pair))
+    except ValueError as e:
+        raise SystemExit(f"error: --target {args.target!r}: {e} (e.g. --target colour=red,shape=circle)")
+
+
+def _check_at_least(args, name, low, note=""):
+    """Exit with "--flag must be >= low" unless args.name >= low."""
+    value = getattr(args, name)
+    if value < low:
+        raise SystemExit(f"error: --{name.replace('_', '-')} must be >= {low}{note}, got {value}")
+
+
+def _check_guidance_scale(flag, value):
+    low, high = GUIDANCE_RANGE
+    if not low <= value <= high:  # nan and inf included: they make all-black images
+        raise SystemExit(f"error: {flag} must be a number in [{low:g}, {high:g}] (1 = no guidance), got {value}")
+
+
+def _check_text(what, text):
+    """Text from the command line is UTF-8; bytes that are not arrive as lone surrogates (surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SystemExit(f"error: {what} {text!r} is not valid UTF-8 text; check the terminal's encoding")
+
+
+def _check_out(flag, path, suffixes):
+    """Exit unless `path` ends in one of `suffixes` and its folder exists and takes a new file: checked
+    before any work, so that a typo in the path never costs the results."""
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise SystemExit(f"error: {flag} {path}: the file name must end in {' or '.join(suffixes)}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise SystemExit(f"error: {flag} {path}: the folder {folder} does not exist")
+    if path.is_dir():
+        raise SystemExit(f"error: {flag} {path} is a folder; give a file name")
+    try:  # os.access says yes to root on a read-only file system: write a file to know
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise SystemExit(f"error: {flag} {path}: cannot write into {folder} ({e.strerror})")
 
 
 def save_grid(images, titles, path, cols, cell=(1.9, 2.1), fontsize=6, dpi=90):
@@ -69,7 +146,7 @@ def save_grid(images, titles, path, cols, cell=(1.9, 2.1), fontsize=6, dpi=90):
         ax.axis("off")
     for ax, image, title in zip(axes.flat, images, titles):
         ax.imshow(image.permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
-        ax.set_title(title, fontsize=fontsize)
+        ax.set_title(title, fontsize=fontsize, parse_math=False)  # a caption's "$" is text, not TeX
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
@@ -90,7 +167,8 @@ def _save_grid(grid, row_titles, path):
             axes[r, c].imshow(grid[r, c].permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
             axes[r, c].set_xticks([])
             axes[r, c].set_yticks([])
-        axes[r, 0].set_ylabel(row_titles[r], rotation=0, ha="right", va="center", fontsize=8)
+        axes[r, 0].set_ylabel(row_titles[r], rotation=0, ha="right", va="center", fontsize=8,
+                              parse_math=False)  # a prompt's "$" is text, not TeX
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -143,17 +221,18 @@ def evaluate(args):
     quality (the protocol is tinyldm/evaluate.py's, step by step); eval.json + eval.png. Every share is
     printed and saved with its 95 % Wilson interval."""
     import json
-    from pathlib import Path
 
     from tinyldm.evaluate import (PROMPT_KINDS, best_guidance_scale, classifier_sweep, final_fidelity,
                                   guidance_sweep, prompt_set, reconstruction, same_noise_test, sampler_sweep)
 
-    for name in ("final_images", "same_noise"):  # checked before minutes of sampling, not after
-        if getattr(args, name) < 0:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 0 (0 = skip), got {getattr(args, name)}")
+    _check_evaluate_args(args)  # before minutes of sampling, not after
+    if args.out:
+        _check_out("--out", args.out, (".json",))
     model, device = _load_run(args)
-    classifier = _load_classifier(args, device) if args.classifier_scales else None
     out = Path(args.out or Path(args.run) / "eval.json")
+    if not args.out:  # the run folder exists now; can it take eval.json?
+        _check_out("--out", out, (".json",))
+    classifier = _load_classifier(args, device) if args.classifier_scales else None
     prompts = {kind: prompt_set(kind, args.prompts_per_kind, seed=args.seed) for kind in PROMPT_KINDS}
     report = {"run": str(args.run), "device": str(device), "prompts_per_kind": args.prompts_per_kind,
               "images_per_prompt": args.images_per_prompt}
@@ -183,6 +262,30 @@ def evaluate(args):
     out.write_text(json.dumps(report, indent=2))
     _plot_eval(report, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def _check_evaluate_args(args):
+    """Exit with a one-line error for any bad count, scale or sampler name of `evaluate`."""
+    from tinyldm.evaluate import parse_sampler
+
+    for name in ("final_images", "same_noise"):
+        _check_at_least(args, name, 0, " (0 = skip)")
+    for name in ("prompts_per_kind", "images_per_prompt", "steps", "reconstruction_images", "batch_size"):
+        _check_at_least(args, name, 1)
+    if args.samplers:
+        _check_at_least(args, "sweep_prompts", 1, " (or --samplers '' to skip the sampler sweep)")
+    if not args.guidance:
+        raise SystemExit("error: --guidance needs at least one scale, e.g. --guidance 1,3")
+    for s in args.guidance:
+        _check_guidance_scale("--guidance", s)
+    for gamma in args.classifier_scales:
+        if not math.isfinite(gamma) or gamma < 0:
+            raise SystemExit(f"error: --classifier-scales must be finite numbers >= 0, got {gamma}")
+    for name in args.samplers:
+        try:
+            parse_sampler(name)
+        except ValueError as e:
+            raise SystemExit(f"error: --samplers: {e}")
 
 
 def _plot_eval(report, path):
