@@ -118,3 +118,18 @@ def test_grade_a_missing_project_is_an_error(tmp_path):
         course_cli(["grade", str(tmp_path / "nonexistent")])
     with pytest.raises(SystemExit, match="is not a project to grade: it has no tests/ folder"):
         course_cli(["grade", str(tmp_path)])
+
+
+def test_evaluate_output_folder_that_takes_no_file_is_an_error(no_run, monkeypatch):
+    """A read-only folder (root ignores permission bits, so the file system's refusal is simulated)."""
+    def refuse(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(tinyldm_cli.tempfile, "TemporaryFile", refuse)
+    with pytest.raises(SystemExit, match="--out eval.json: cannot write into . \\(Read-only file system\\)"):
+        cli(["evaluate", *no_run, "--out", "eval.json"])
+
+
+def test_evaluate_lists_of_numbers_say_what_they_accept(no_run, capsys):
+    with pytest.raises(SystemExit):
+        cli(["evaluate", *no_run, "--guidance", "1,three"])
+    assert "expected comma-separated numbers, e.g. 1,3,5; got '1,three'" in capsys.readouterr().err

@@ -342,6 +342,14 @@ def _plot_eval(report, path):
     plt.close(fig)
 
 
+def _numbers(text):
+    """"1,2.5,3" -> [1.0, 2.5, 3.0] ("" -> []), or argparse's usage error that says what is accepted."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 1,3,5; got {text!r}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m tinyldm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -358,12 +366,12 @@ def main(argv=None):
     p = commands.add_parser("sample", help="generate images from prompts with a trained run")
     p.add_argument("prompts", nargs="+", help='one or more prompts, e.g. "a large red circle at the top left"')
     p.add_argument("--run", required=True, help="run folder written by train_small.py (runs/NAME)")
-    p.add_argument("--out", default="samples.png", help="output PNG (one row per prompt)")
+    p.add_argument("--out", default="samples.png", help="output PNG (one row per prompt); its folder must exist")
     p.add_argument("--num-images", type=int, default=4, help="images per prompt")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM always takes all T)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM η: 0 deterministic, 1 DDPM-like noise")
-    p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale s (1 = off)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM η in [0, 1]: 0 deterministic, 1 DDPM-like noise")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale s in [0, 100] (1 = off, 0 = unconditional)")
     p.add_argument("--classifier-scale", type=float, default=0.0,
                    help="classifier guidance scale γ towards --target (0 = off; use the prompt \"\" for the "
                         "unconditional model guided by the classifier alone)")
@@ -375,16 +383,16 @@ def main(argv=None):
 
     p = commands.add_parser("evaluate", help="caption fidelity, guidance/sampler sweeps, reconstruction PSNR")
     p.add_argument("--run", required=True, help="run folder written by train_small.py (runs/NAME)")
-    p.add_argument("--out", default=None, help="JSON path (default RUN/eval.json; the plot goes beside it)")
+    p.add_argument("--out", default=None, help="JSON path in an existing folder (default RUN/eval.json; the plot goes beside it)")
     p.add_argument("--prompts-per-kind", type=int, default=24, help="prompts of each kind: single, two, held_out")
     p.add_argument("--images-per-prompt", type=int, default=4)
-    p.add_argument("--guidance", type=lambda s: [float(v) for v in s.split(",")], default=[1.0, 2.0, 3.0, 5.0],
-                   help="comma-separated guidance scales to sweep (DDIM)")
+    p.add_argument("--guidance", type=_numbers, default=[1.0, 2.0, 3.0, 5.0],
+                   help="comma-separated guidance scales to sweep (DDIM), each in [0, 100]")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps for the guidance sweep")
     p.add_argument("--samplers", type=lambda s: [v for v in s.split(",") if v], default=["ddim10", "ddim20", "ddim50", "ddim100", "ddpm"],
                    help="sampler sweep at the best guidance scale: ddimN for N DDIM steps, ddpm for all T ('' to skip)")
     p.add_argument("--sweep-prompts", type=int, default=12, help="single-object prompts in the sampler sweep")
-    p.add_argument("--classifier-scales", type=lambda s: [float(v) for v in s.split(",") if v], default=[0.0, 1.0, 3.0, 10.0],
+    p.add_argument("--classifier-scales", type=_numbers, default=[0.0, 1.0, 3.0, 10.0],
                    help="classifier-guidance scales γ to compare: unconditional + classifier, and CFG + classifier "
                         "('' to skip; needs a run with a classifier)")
     p.add_argument("--final-images", type=int, default=1100, metavar="N",
