@@ -2,13 +2,12 @@
 
 import argparse
 import math
-import os
 import sys
 import tempfile
 from pathlib import Path
 
-# the guidance scales a command accepts: s = 1 is no guidance, 0 the unconditional model; past ~100 the
-# guided noise estimate is pure amplified difference and the images saturate, so a larger value is a typo
+# the guidance scales the commands accept: s = 1 is no guidance, 0 the unconditional model, and useful
+# scales are a few units; 100 leaves room to explore, while 1e30 or inf only gives saturated or NaN images
 GUIDANCE_RANGE = (0.0, 100.0)
 
 
@@ -123,7 +122,7 @@ def _check_out(flag, path, suffixes):
         raise SystemExit(f"error: {flag} {path}: the folder {folder} does not exist")
     if path.is_dir():
         raise SystemExit(f"error: {flag} {path} is a folder; give a file name")
-    try:  # os.access says yes to root on a read-only file system: write a file to know
+    try:  # the one sure test of a folder (permissions, read-only mounts, network file systems) is a write
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
