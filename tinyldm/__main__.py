@@ -132,8 +132,6 @@ def _check_out(flag, path, suffixes):
 def save_grid(images, titles, path, cols, cell=(1.9, 2.1), fontsize=6, dpi=90):
     """uint8 images (N, 3, H, W), one title each, in rows of `cols` -> PNG; `cell` is each image's
     (width, height) in inches. show_data and train_small.py's grids use it."""
-    import math
-
     import matplotlib
 
     matplotlib.use("Agg")
