@@ -26,7 +26,10 @@ def grade_command(args):
     unknown = sorted(set(args.only or ()) - set(NUMBERS))
     if unknown:
         raise SystemExit(f"error: unknown assignment(s) {unknown}; the assignments are {NUMBERS}")
-    result = grade(args.project_dir, args.only)
+    try:
+        result = grade(args.project_dir, args.only)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}")
     if args.json:
         print(json.dumps(result, indent=2))
     else:

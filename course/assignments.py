@@ -289,6 +289,9 @@ def handout(regions, only):
 def grade(project_dir=ROOT, only=None, pytest_args=(), timeout=1800):
     """Run the tests of the assignments in `only` (default: all) in project_dir; a dict of results."""
     project_dir = Path(project_dir).resolve()
+    if not (project_dir / "tests").is_dir():  # checked here: pytest would run elsewhere, or not start
+        raise FileNotFoundError(f"{project_dir} is not a project to grade: "
+                                f"{'it has no tests/ folder' if project_dir.is_dir() else 'no such folder'}")
     only = sorted(set(only or NUMBERS))
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"

@@ -1,13 +1,24 @@
 """Command line: `python -m tinyldm COMMAND ...` (`python -m tinyldm --help` lists them)."""
 
 import argparse
+import math
 import sys
+import tempfile
+from pathlib import Path
+
+# the guidance scales the commands accept: s = 1 is no guidance, 0 the unconditional model, and useful
+# scales are a few units; 100 leaves room to explore, while 1e30 or inf only gives saturated or NaN images
+GUIDANCE_RANGE = (0.0, 100.0)
 
 
 def show_data(args):
     """Save a grid of Shapes images with their captions (the README's data figure)."""
     from tinyldm.data import ShapesConfig, ShapesDataset
 
+    for name in ("rows", "cols", "dpi"):
+        _check_at_least(args, name, 1)
+    _check_at_least(args, "image_size", 16)
+    _check_out("--out", args.out, (".png",))
     ds = ShapesDataset(ShapesConfig(image_size=args.image_size, num_train=args.rows * args.cols,
                                     seed=args.seed), "train")
     titles = []
@@ -26,17 +37,14 @@ def sample(args):
 
     from tinyldm.data import to_uint8
 
+    target = _check_sample_args(args)  # every argument and the output path, before the run is loaded
     model, device = _load_run(args)
     prompts = [p for p in args.prompts for _ in range(args.num_images)]
     generator = torch.Generator(device).manual_seed(args.seed)
     guide = {}
     if args.classifier_scale:
-        from tinyldm.classifier import classifier_targets, make_classifier_grad
+        from tinyldm.classifier import make_classifier_grad
 
-        try:
-            target = classifier_targets(dict(pair.split("=", 1) for pair in args.target.split(",") if pair))
-        except ValueError as e:
-            raise SystemExit(f"error: --target {args.target!r}: {e} (e.g. --target colour=red,shape=circle)")
         classifier = _load_classifier(args, device)
         if classifier is None:
             raise SystemExit(f"error: --classifier-scale needs a run with a classifier; {args.run} has none "
@@ -53,11 +61,77 @@ def sample(args):
     print(f"wrote {args.out}")
 
 
+def _check_sample_args(args):
+    """Exit with a one-line error for any bad argument of `sample`; the classifier target (None without
+    classifier guidance) parsed, so that nothing fails after minutes of sampling."""
+    for i, prompt in enumerate(args.prompts):
+        _check_text(f"prompt {i + 1}", prompt)
+    _check_text("--target", args.target)
+    _check_at_least(args, "num_images", 1)
+    _check_at_least(args, "steps", 1)
+    _check_guidance_scale("--guidance-scale", args.guidance_scale)
+    if not 0 <= args.eta <= 1:  # also refuses nan: every comparison with nan is False
+        raise SystemExit(f"error: --eta must be in [0, 1] (0 deterministic DDIM, 1 DDPM-like), got {args.eta}")
+    if not math.isfinite(args.classifier_scale) or args.classifier_scale < 0:
+        raise SystemExit(f"error: --classifier-scale must be a finite number >= 0 (0 = off), got {args.classifier_scale}")
+    _check_out("--out", args.out, (".png",))
+    if not args.classifier_scale:
+        if args.target:  # a target without a scale would be silently ignored
+            raise SystemExit(f"error: --target {args.target!r} needs --classifier-scale γ > 0 to guide towards it")
+        return None
+    if not args.target:  # a scale without a target guides towards nothing
+        raise SystemExit("error: --classifier-scale needs --target, the attributes to guide towards "
+                         "(e.g. --target colour=red,shape=circle)")
+    from tinyldm.classifier import classifier_targets
+
+    try:
+        return classifier_targets(dict(pair.split("=", 1) for pair in args.target.split(",") if pair))
+    except ValueError as e:
+        raise SystemExit(f"error: --target {args.target!r}: {e} (e.g. --target colour=red,shape=circle)")
+
+
+def _check_at_least(args, name, low, note=""):
+    """Exit with "--flag must be >= low" unless args.name >= low."""
+    value = getattr(args, name)
+    if value < low:
+        raise SystemExit(f"error: --{name.replace('_', '-')} must be >= {low}{note}, got {value}")
+
+
+def _check_guidance_scale(flag, value):
+    low, high = GUIDANCE_RANGE
+    if not low <= value <= high:  # nan and inf included: they make all-black images
+        raise SystemExit(f"error: {flag} must be a number in [{low:g}, {high:g}] (1 = no guidance), got {value}")
+
+
+def _check_text(what, text):
+    """Text from the command line is UTF-8; bytes that are not arrive as lone surrogates (surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SystemExit(f"error: {what} {text!r} is not valid UTF-8 text; check the terminal's encoding")
+
+
+def _check_out(flag, path, suffixes):
+    """Exit unless `path` ends in one of `suffixes` and its folder exists and takes a new file: checked
+    before any work, so that a typo in the path never costs the results."""
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise SystemExit(f"error: {flag} {path}: the file name must end in {' or '.join(suffixes)}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise SystemExit(f"error: {flag} {path}: the folder {folder} does not exist")
+    if path.is_dir():
+        raise SystemExit(f"error: {flag} {path} is a folder; give a file name")
+    try:  # the one sure test of a folder (permissions, read-only mounts, network file systems) is a write
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise SystemExit(f"error: {flag} {path}: cannot write into {folder} ({e.strerror})")
+
+
 def save_grid(images, titles, path, cols, cell=(1.9, 2.1), fontsize=6, dpi=90):
     """uint8 images (N, 3, H, W), one title each, in rows of `cols` -> PNG; `cell` is each image's
     (width, height) in inches. show_data and train_small.py's grids use it."""
-    import math
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,7 +143,7 @@ def save_grid(images, titles, path, cols, cell=(1.9, 2.1), fontsize=6, dpi=90):
         ax.axis("off")
     for ax, image, title in zip(axes.flat, images, titles):
         ax.imshow(image.permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
-        ax.set_title(title, fontsize=fontsize)
+        ax.set_title(title, fontsize=fontsize, parse_math=False)  # a caption's "$" is text, not TeX
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
@@ -90,7 +164,8 @@ def _save_grid(grid, row_titles, path):
             axes[r, c].imshow(grid[r, c].permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
             axes[r, c].set_xticks([])
             axes[r, c].set_yticks([])
-        axes[r, 0].set_ylabel(row_titles[r], rotation=0, ha="right", va="center", fontsize=8)
+        axes[r, 0].set_ylabel(row_titles[r], rotation=0, ha="right", va="center", fontsize=8,
+                              parse_math=False)  # a prompt's "$" is text, not TeX
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -143,17 +218,18 @@ def evaluate(args):
     quality (the protocol is tinyldm/evaluate.py's, step by step); eval.json + eval.png. Every share is
     printed and saved with its 95 % Wilson interval."""
     import json
-    from pathlib import Path
 
     from tinyldm.evaluate import (PROMPT_KINDS, best_guidance_scale, classifier_sweep, final_fidelity,
                                   guidance_sweep, prompt_set, reconstruction, same_noise_test, sampler_sweep)
 
-    for name in ("final_images", "same_noise"):  # checked before minutes of sampling, not after
-        if getattr(args, name) < 0:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 0 (0 = skip), got {getattr(args, name)}")
+    _check_evaluate_args(args)  # before minutes of sampling, not after
+    if args.out:
+        _check_out("--out", args.out, (".json",))
     model, device = _load_run(args)
-    classifier = _load_classifier(args, device) if args.classifier_scales else None
     out = Path(args.out or Path(args.run) / "eval.json")
+    if not args.out:  # the run folder exists now; can it take eval.json?
+        _check_out("--out", out, (".json",))
+    classifier = _load_classifier(args, device) if args.classifier_scales else None
     prompts = {kind: prompt_set(kind, args.prompts_per_kind, seed=args.seed) for kind in PROMPT_KINDS}
     report = {"run": str(args.run), "device": str(device), "prompts_per_kind": args.prompts_per_kind,
               "images_per_prompt": args.images_per_prompt}
@@ -183,6 +259,30 @@ def evaluate(args):
     out.write_text(json.dumps(report, indent=2))
     _plot_eval(report, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def _check_evaluate_args(args):
+    """Exit with a one-line error for any bad count, scale or sampler name of `evaluate`."""
+    from tinyldm.evaluate import parse_sampler
+
+    for name in ("final_images", "same_noise"):
+        _check_at_least(args, name, 0, " (0 = skip)")
+    for name in ("prompts_per_kind", "images_per_prompt", "steps", "reconstruction_images", "batch_size"):
+        _check_at_least(args, name, 1)
+    if args.samplers:
+        _check_at_least(args, "sweep_prompts", 1, " (or --samplers '' to skip the sampler sweep)")
+    if not args.guidance:
+        raise SystemExit("error: --guidance needs at least one scale, e.g. --guidance 1,3")
+    for s in args.guidance:
+        _check_guidance_scale("--guidance", s)
+    for gamma in args.classifier_scales:
+        if not math.isfinite(gamma) or gamma < 0:
+            raise SystemExit(f"error: --classifier-scales must be finite numbers >= 0, got {gamma}")
+    for name in args.samplers:
+        try:
+            parse_sampler(name)
+        except ValueError as e:
+            raise SystemExit(f"error: --samplers: {e}")
 
 
 def _plot_eval(report, path):
@@ -239,6 +339,14 @@ def _plot_eval(report, path):
     plt.close(fig)
 
 
+def _numbers(text):
+    """"1,2.5,3" -> [1.0, 2.5, 3.0] ("" -> []), or argparse's usage error that says what is accepted."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 1,3,5; got {text!r}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m tinyldm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -255,12 +363,12 @@ def main(argv=None):
     p = commands.add_parser("sample", help="generate images from prompts with a trained run")
     p.add_argument("prompts", nargs="+", help='one or more prompts, e.g. "a large red circle at the top left"')
     p.add_argument("--run", required=True, help="run folder written by train_small.py (runs/NAME)")
-    p.add_argument("--out", default="samples.png", help="output PNG (one row per prompt)")
+    p.add_argument("--out", default="samples.png", help="output PNG (one row per prompt); its folder must exist")
     p.add_argument("--num-images", type=int, default=4, help="images per prompt")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM always takes all T)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM η: 0 deterministic, 1 DDPM-like noise")
-    p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale s (1 = off)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM η in [0, 1]: 0 deterministic, 1 DDPM-like noise")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale s in [0, 100] (1 = off, 0 = unconditional)")
     p.add_argument("--classifier-scale", type=float, default=0.0,
                    help="classifier guidance scale γ towards --target (0 = off; use the prompt \"\" for the "
                         "unconditional model guided by the classifier alone)")
@@ -272,16 +380,16 @@ def main(argv=None):
 
     p = commands.add_parser("evaluate", help="caption fidelity, guidance/sampler sweeps, reconstruction PSNR")
     p.add_argument("--run", required=True, help="run folder written by train_small.py (runs/NAME)")
-    p.add_argument("--out", default=None, help="JSON path (default RUN/eval.json; the plot goes beside it)")
+    p.add_argument("--out", default=None, help="JSON path in an existing folder (default RUN/eval.json; the plot goes beside it)")
     p.add_argument("--prompts-per-kind", type=int, default=24, help="prompts of each kind: single, two, held_out")
     p.add_argument("--images-per-prompt", type=int, default=4)
-    p.add_argument("--guidance", type=lambda s: [float(v) for v in s.split(",")], default=[1.0, 2.0, 3.0, 5.0],
-                   help="comma-separated guidance scales to sweep (DDIM)")
+    p.add_argument("--guidance", type=_numbers, default=[1.0, 2.0, 3.0, 5.0],
+                   help="comma-separated guidance scales to sweep (DDIM), each in [0, 100]")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps for the guidance sweep")
     p.add_argument("--samplers", type=lambda s: [v for v in s.split(",") if v], default=["ddim10", "ddim20", "ddim50", "ddim100", "ddpm"],
                    help="sampler sweep at the best guidance scale: ddimN for N DDIM steps, ddpm for all T ('' to skip)")
     p.add_argument("--sweep-prompts", type=int, default=12, help="single-object prompts in the sampler sweep")
-    p.add_argument("--classifier-scales", type=lambda s: [float(v) for v in s.split(",") if v], default=[0.0, 1.0, 3.0, 10.0],
+    p.add_argument("--classifier-scales", type=_numbers, default=[0.0, 1.0, 3.0, 10.0],
                    help="classifier-guidance scales γ to compare: unconditional + classifier, and CFG + classifier "
                         "('' to skip; needs a run with a classifier)")
     p.add_argument("--final-images", type=int, default=1100, metavar="N",

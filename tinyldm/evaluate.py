@@ -611,11 +611,22 @@ def same_noise_test(model, noises, guidance_scale, steps=50, seed=0, batch_size=
     return report
 
 
+def parse_sampler(name):
+    """A sampler sweep name -> (sampler, steps): "ddimN" -> ("ddim", N), "ddpm" -> ("ddpm", None: all T)."""
+    if name == "ddpm":
+        return "ddpm", None
+    steps = name[4:]
+    if name.startswith("ddim") and steps.isascii() and steps.isdigit() and int(steps) >= 1:
+        return "ddim", int(steps)
+    raise ValueError(f"unknown sampler {name!r}: expected ddimN (N DDIM steps, N >= 1) or ddpm")
+
+
 def sampler_sweep(model, pairs, samplers, guidance_scale, images_per_prompt=4, seed=0, batch_size=64):
     """5. evaluate_model per sampler name: "ddimN" is DDIM with N steps, "ddpm" is DDPM with all T steps."""
     results = []
     for name in samplers:
-        sampler, steps = ("ddpm", model.diffusion_cfg.T) if name == "ddpm" else ("ddim", int(name[4:]))
+        sampler, steps = parse_sampler(name)
+        steps = steps or model.diffusion_cfg.T
         results.append(evaluate_model(model, pairs, images_per_prompt, steps=steps, guidance_scale=guidance_scale,
                                       sampler=sampler, generator=_seeded(model, seed), batch_size=batch_size))
         _print_run(results[-1])
