@@ -70,8 +70,8 @@ def test_broken_weights_file(run, name, damage):
     assert not (run.parent / "samples.png").exists()
 
 
-def _drop_d_model(cfg):
-    del cfg["text_encoder"]["d_model"]
+def _drop_text_encoder(cfg):
+    del cfg["text_encoder"]
 
 
 def _unknown_unet_key(cfg):
@@ -91,7 +91,7 @@ def _bad_value(cfg):
 
 
 MODEL_JSON_DAMAGE = {
-    "missing key": (_drop_d_model, r"'text_encoder' has missing key\(s\) d_model"),
+    "missing entry": (_drop_text_encoder, r"no 'text_encoder' entry"),
     "unknown key": (_unknown_unet_key, r"'unet' has unknown key\(s\) widht"),
     "unknown top-level key": (_unknown_top_key, r"unknown key\(s\) extra"),
     "missing image size": (_drop_image_size, r"'image_size' must be a number, got 'nothing'"),
@@ -109,11 +109,34 @@ def test_model_json_with_a_key_too_many_or_too_few(run, damage):
 
 
 @pytest.mark.parametrize("name", ["model.json", "classifier.json"])
-@pytest.mark.parametrize("text", ["", "{\"unet\": {", "[1, 2]"])
+@pytest.mark.parametrize("text", ["{\"unet\": {", "[1, 2]"])
 def test_json_file_that_is_not_a_json_object(run, name, text):
     (run / name).write_text(text)
     with pytest.raises(SystemExit, match=rf"^error: .*{name}: (not valid JSON|expected a JSON object)"):
         sample(run, "--classifier-scale", "1", "--target", "colour=red")
+
+
+@pytest.mark.parametrize("name", ["model.json", "classifier.json"])
+def test_empty_json_file(run, name):
+    (run / name).write_text("")
+    with pytest.raises(SystemExit, match=rf"^error: .*{name}: empty file"):
+        sample(run, "--classifier-scale", "1", "--target", "colour=red")
+
+
+def test_classifier_json_without_its_weights(run):
+    (run / "classifier.pt").unlink()
+    with pytest.raises(SystemExit, match=r"^error: run folder .* is incomplete: classifier.json without classifier.pt"):
+        sample(run, "--classifier-scale", "1", "--target", "colour=red")
+
+
+def test_a_field_saved_before_it_existed_takes_its_default(run):
+    """Run folders written before a config field was added still load: the field takes its default. Had
+    the missing field mattered, the model it builds does not fit together, and the error says so."""
+    edit_json(run / "model.json", lambda cfg: cfg["diffusion"].pop("p_noisy_t"))
+    assert sample(run).is_file()
+    edit_json(run / "model.json", lambda cfg: cfg["text_encoder"].pop("d_model"))
+    with pytest.raises(SystemExit, match=r"^error: .*model.json: text encoder width 128 != U-Net context_dim 32"):
+        sample(run)
 
 
 def test_classifier_json_with_an_unknown_key(run):

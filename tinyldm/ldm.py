@@ -10,7 +10,8 @@ device: everything runs where the model's parameters are (move the model with `.
 
 A run folder holds `model.json` (every config, the latent scale factor), `tokenizer.json` and
 `model.pt` (state dicts only, loaded with `torch.load(weights_only=True)`); other files may sit beside
-them (logs, plots, a classifier's own classifier.json and classifier.pt) and are not read here.
+them (logs, plots, a classifier's own classifier.json and classifier.pt) and are not read here. A file
+that is there but broken is a RunFolderError whose one line names the file and what is wrong.
 """
 
 import json
@@ -241,7 +242,10 @@ class RunFolderError(ValueError):
 def read_json(path):
     """The JSON object in `path`, or a RunFolderError that says how the file is broken."""
     try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
+        if not text.strip():
+            raise RunFolderError(f"{path}: empty file; the run's settings are lost, retrain or restore it")
+        value = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RunFolderError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(value, dict):
@@ -250,19 +254,17 @@ def read_json(path):
 
 
 def config_from_json(kind, entries, key, path):
-    """The dataclass `kind` from entries[key] of the JSON file `path`. Every field must be there, and
-    nothing else: save() writes them all, so a key too many or too few means an edited or damaged file,
-    and a default filled in silently would build a model the weights do not fit."""
+    """The dataclass `kind` from entries[key] of the JSON file `path`. A key the dataclass does not have
+    is an error naming the file (ignored, it would hide a mismatched run); a field it lacks takes its
+    default, so that run folders saved before that field existed still load."""
     values = entries.get(key)
     if not isinstance(values, dict):
         raise RunFolderError(f"{path}: no {key!r} entry (expected an object of {kind.__name__} fields)")
     known = [f.name for f in fields(kind)]
     unknown = sorted(set(values) - set(known))
-    missing = [name for name in known if name not in values]
-    if unknown or missing:
-        what = "; ".join(part for part in (unknown and f"unknown key(s) {', '.join(unknown)}",
-                                           missing and f"missing key(s) {', '.join(missing)}") if part)
-        raise RunFolderError(f"{path}: {key!r} has {what} (it needs exactly: {', '.join(known)})")
+    if unknown:
+        raise RunFolderError(f"{path}: {key!r} has unknown key(s) {', '.join(unknown)} "
+                             f"(it accepts {', '.join(known)})")
     try:
         return kind(**values)
     except (TypeError, ValueError) as e:
