@@ -110,7 +110,7 @@ def pick_device(name="auto", local_rank=0):
 
 
 def _load_run(args):
-    """The trained model of --run on --device, or a clear error for a missing or incomplete run."""
+    """The trained model of --run on --device, or a one-line error for a missing, incomplete or broken run."""
     from tinyldm.ldm import LatentDiffusion, RunFolderError
 
     device = pick_device(args.device)
