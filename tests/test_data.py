@@ -1,6 +1,7 @@
 """The captioned Shapes dataset and the image-folder loader (tinyldm/data.py)."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -269,3 +270,59 @@ def test_image_folder_unreadable_image_names_file_and_line(tmp_path):
     assert ds[0][0].shape == (3, 8, 8)
     with pytest.raises(DataError, match=r"line 2: cannot read image .*broken\.png"):
         ds.images_uint8()
+
+
+# ---- the same folders as `train_small.py --data` meets them -----------------------------------
+
+def _captioned_folder(root, lines):
+    """A --data folder with one 8x8 image per metadata line; lines are bytes, written as given."""
+    root.mkdir()
+    for i in range(len(lines)):
+        _write_png(root / f"{i}.png", np.full((8, 8, 3), 40 * i))
+    (root / "metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    return root
+
+
+def _line(i, text):
+    return json.dumps({"file_name": f"{i}.png", "text": text}, ensure_ascii=False).encode("utf-8")
+
+
+def test_train_on_latin1_metadata_names_file_line_and_byte(tmp_path):
+    """metadata.jsonl saved as latin-1: one line naming the file, the line and the byte, before any file is written."""
+    import train_small
+    from conftest import TINY
+
+    latin1 = json.dumps({"file_name": "1.png", "text": "un cercle doré"}, ensure_ascii=False).encode("latin-1")
+    data = _captioned_folder(tmp_path / "data", [_line(0, "a red circle"), latin1])
+    runs = tmp_path / "runs"
+    with pytest.raises(SystemExit, match=r"^--data: .*metadata\.jsonl, line 2: not UTF-8 \(byte 0xe9 at column 46\); "
+                                         r"save the file as UTF-8$"):
+        train_small.main([*TINY, "--data", str(data), "--runs-dir", str(runs), "--name", "latin1"])
+    assert not (runs / "latin1").exists()
+
+
+class _StopAfterData(Exception):
+    pass
+
+
+def test_train_on_empty_captions_warns_the_model_is_unconditional(tmp_path, monkeypatch):
+    """A --data folder whose captions are all empty trains, but says the model will be unconditional.
+    (The run is stopped right after the data stage: the warning is what is tested, not the training.)"""
+    import train_small
+    from conftest import TINY
+
+    def stop(*args, **kwargs):
+        raise _StopAfterData
+
+    monkeypatch.setattr(train_small, "train_tokenizer", stop)
+
+    def train(data):
+        with warnings.catch_warnings(record=True) as caught, pytest.raises(_StopAfterData):
+            warnings.simplefilter("always")
+            train_small.main([*TINY, "--data", str(data), "--runs-dir", str(tmp_path / "runs"), "--name", data.name])
+        return [str(w.message) for w in caught if "caption" in str(w.message)]
+
+    empty = _captioned_folder(tmp_path / "empty", [_line(0, ""), _line(1, "  "), _line(2, "")])
+    assert train(empty) == [f"{empty / 'metadata.jsonl'}: every caption is empty, so the model will be unconditional: "
+                            "it learns the images without text, and prompts will have no effect"]
+    assert train(_captioned_folder(tmp_path / "one", [_line(0, ""), _line(1, "a grey square")])) == []

@@ -185,21 +185,25 @@ def pick_device(name="auto", local_rank=0):
 
 
 def _load_run(args):
-    """The trained model of --run on --device, or a clear error for a missing or incomplete run."""
-    from tinyldm.ldm import LatentDiffusion
+    """The trained model of --run on --device, or a one-line error for a missing, incomplete or broken run."""
+    from tinyldm.ldm import LatentDiffusion, RunFolderError
 
     device = pick_device(args.device)
     try:
         return LatentDiffusion.load(args.run, map_location=device).to(device), device
-    except FileNotFoundError as e:
+    except (FileNotFoundError, RunFolderError) as e:
         raise SystemExit(f"error: {e}")
 
 
 def _load_classifier(args, device):
     """The run's noise-aware latent classifier on `device`, or None when it has none."""
     from tinyldm.classifier import load_classifier
+    from tinyldm.ldm import RunFolderError
 
-    classifier = load_classifier(args.run, map_location=device)
+    try:
+        classifier = load_classifier(args.run, map_location=device)
+    except (FileNotFoundError, RunFolderError) as e:
+        raise SystemExit(f"error: {e}")
     return None if classifier is None else classifier.to(device)
 
 

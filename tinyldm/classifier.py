@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from tinyldm.data import ATTRIBUTES, COLOUR_NAMES, POSITIONS, SHAPES, SIZES
 from tinyldm.diffusion import draw_t_and_eps
-from tinyldm.ldm import write_atomic
+from tinyldm.ldm import RunFolderError, config_from_json, load_state_into, load_weights, read_json, write_atomic
 from tinyldm.unet import Downsample, ResBlock, timestep_embedding
 
 HEADS = ATTRIBUTES  # column order of labels and targets: (shape, colour, size, position)
@@ -267,20 +267,28 @@ def load_classifier(run_dir, map_location="cpu"):
 
     Reads classifier.json and classifier.pt (weights_only). A run folder saved before the classifier
     had its own files keeps it in model.json's "classifier" entry and model.pt's "classifier" state
-    dict; that loads too. Move the result with `.to(device)`, as the model.
+    dict; that loads too. Move the result with `.to(device)`, as the model. A broken file is a
+    RunFolderError naming it, as for the model (`LatentDiffusion.load`).
     """
     run_dir = Path(run_dir)
     if (run_dir / "classifier.json").is_file():
-        cfg = json.loads((run_dir / "classifier.json").read_text())
-        state = torch.load(run_dir / "classifier.pt", map_location=map_location, weights_only=True)
+        config_file, weights_file = run_dir / "classifier.json", run_dir / "classifier.pt"
+        if not weights_file.is_file():
+            raise FileNotFoundError(f"run folder {run_dir} is incomplete: classifier.json without classifier.pt")
+        cfg = config_from_json(ClassifierConfig, {"classifier": read_json(config_file)}, "classifier", config_file)
+        state = {"classifier": load_weights(weights_file, map_location)}
     else:  # the older layout, inside the model's own files
-        model_json = run_dir / "model.json"
-        cfg = json.loads(model_json.read_text()).get("classifier") if model_json.is_file() else None
-        if not cfg:
+        config_file, weights_file = run_dir / "model.json", run_dir / "model.pt"
+        entries = read_json(config_file) if config_file.is_file() else {}
+        if not entries.get("classifier"):
             return None
-        state = torch.load(run_dir / "model.pt", map_location=map_location, weights_only=True)["classifier"]
-    classifier = LatentClassifier(ClassifierConfig(**cfg))
-    classifier.load_state_dict(state)
+        cfg = config_from_json(ClassifierConfig, entries, "classifier", config_file)
+        state = load_weights(weights_file, map_location)
+    try:
+        classifier = LatentClassifier(cfg)
+    except (ValueError, TypeError, AssertionError) as e:
+        raise RunFolderError(f"{config_file}: {e}") from None
+    load_state_into(classifier, state, "classifier", weights_file)
     return classifier.eval()
 
 

@@ -24,6 +24,7 @@ diffusion training scripts). See `ImageFolderDataset`.
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -419,11 +420,24 @@ def _load_image(path, image_size):
     return torch.from_numpy(array.copy()).permute(2, 0, 1)               # (3, H, W)
 
 
+def _read_utf8(path):
+    """The text of `path`, or a DataError naming the line and byte where it is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}, line {line}: not UTF-8 (byte 0x{data[e.start]:02x} at column {column}); "
+                        "save the file as UTF-8") from None
+
+
 class ImageFolderDataset(Dataset):
     """A folder of images with `metadata.jsonl` lines {"file_name": ..., "text": ...}.
 
-    Item i is (image (3, image_size, image_size) float in [-1, 1], caption). The metadata is checked
-    when the dataset is made; each image is checked when it is read (`images_uint8` reads all).
+    Item i is (image (3, image_size, image_size) float in [-1, 1], caption). The metadata (UTF-8) is
+    checked when the dataset is made; each image is checked when it is read (`images_uint8` reads all).
+    Empty captions are allowed (they train the unconditional case), but all of them empty is a warning.
     """
 
     def __init__(self, root, image_size):
@@ -435,7 +449,7 @@ class ImageFolderDataset(Dataset):
             raise DataError(f"{meta}: missing; the folder needs a metadata.jsonl with lines "
                             '{"file_name": "img.png", "text": "a caption"}')
         self.files, self.captions, self.lines = [], [], []
-        for line_no, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), start=1):
+        for line_no, line in enumerate(_read_utf8(meta).splitlines(), start=1):
             if not line.strip():
                 continue
             where = f"{meta}, line {line_no}"
@@ -457,6 +471,10 @@ class ImageFolderDataset(Dataset):
             self.lines.append(line_no)
         if not self.files:
             raise DataError(f"{meta}: no images listed (the file is empty)")
+        if not any(caption.strip() for caption in self.captions):
+            # allowed (an unconditional model is a model), but almost never what was meant
+            warnings.warn(f"{meta}: every caption is empty, so the model will be unconditional: "
+                          "it learns the images without text, and prompts will have no effect", stacklevel=2)
 
     def __len__(self):
         return len(self.files)

@@ -10,12 +10,13 @@ device: everything runs where the model's parameters are (move the model with `.
 
 A run folder holds `model.json` (every config, the latent scale factor), `tokenizer.json` and
 `model.pt` (state dicts only, loaded with `torch.load(weights_only=True)`); other files may sit beside
-them (logs, plots, a classifier's own classifier.json and classifier.pt) and are not read here.
+them (logs, plots, a classifier's own classifier.json and classifier.pt) and are not read here. A file
+that is there but broken is a RunFolderError whose one line names the file and what is wrong.
 """
 
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -195,7 +196,9 @@ class LatentDiffusion(nn.Module):
         """Rebuild a saved model from its run folder (configs from JSON, weights_only load).
 
         Only the four components are read: entries of model.json and model.pt that are not theirs
-        (run folders saved before the classifier had its own files keep it there) are left alone."""
+        (run folders saved before the classifier had its own files keep it there) are left alone.
+        A missing file is a FileNotFoundError; a broken one (not JSON, a key too many or too few,
+        truncated weights, shapes that do not match the config) a RunFolderError naming the file."""
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise FileNotFoundError(f"run folder {run_dir} does not exist")
@@ -203,14 +206,103 @@ class LatentDiffusion(nn.Module):
         if missing:
             raise FileNotFoundError(f"run folder {run_dir} is incomplete: missing {', '.join(missing)} "
                                     "(was training interrupted before the end? `train_small.py --resume`)")
-        cfg = json.loads((run_dir / "model.json").read_text())
-        model = cls(load_tokenizer(run_dir / "tokenizer.json"), TextEncoderConfig(**cfg["text_encoder"]),
-                    AutoencoderConfig(**cfg["autoencoder"]), UNetConfig(**cfg["unet"]),
-                    DiffusionConfig(**cfg["diffusion"]), cfg["image_size"], cfg["scale_factor"])
-        state = torch.load(run_dir / "model.pt", map_location=map_location, weights_only=True)
+        model_json = run_dir / "model.json"
+        cfg = read_json(model_json)
+        configs = {key: config_from_json(kind, cfg, key, model_json) for key, kind in (
+            ("text_encoder", TextEncoderConfig), ("autoencoder", AutoencoderConfig), ("unet", UNetConfig),
+            ("diffusion", DiffusionConfig))}
+        unknown = sorted(set(cfg) - set(configs) - {"image_size", "scale_factor", "classifier"})
+        if unknown:  # "classifier": run folders saved before the classifier had its own files
+            raise RunFolderError(f"{model_json}: unknown key(s) {', '.join(unknown)}")
+        for key in ("image_size", "scale_factor"):
+            if type(cfg.get(key)) not in (int, float):
+                raise RunFolderError(f"{model_json}: {key!r} must be a number, got {cfg.get(key, 'nothing')!r}")
+        try:
+            tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+        except ValueError as e:
+            raise RunFolderError(str(e)) from None
+        if tokenizer.get_vocab_size() > configs["text_encoder"].vocab_size:
+            raise RunFolderError(f"{run_dir / 'tokenizer.json'}: {tokenizer.get_vocab_size()} words, more than the "
+                                 f"text encoder's vocab_size {configs['text_encoder'].vocab_size} in model.json: "
+                                 "the two files come from different runs")
+        try:
+            model = cls(tokenizer, *configs.values(), cfg["image_size"], cfg["scale_factor"])
+        except (ValueError, TypeError) as e:  # the configs' own checks, e.g. a U-Net width it cannot build
+            raise RunFolderError(f"{model_json}: {e}") from None
+        state = load_weights(run_dir / "model.pt", map_location)
         for name in ("text_encoder", "autoencoder", "unet"):
-            getattr(model, name).load_state_dict(state[name])
+            load_state_into(getattr(model, name), state, name, run_dir / "model.pt")
         return model.eval()
+
+
+class RunFolderError(ValueError):
+    """A file of a run folder that cannot be read: the message names the file and what is wrong with it."""
+
+
+def read_json(path):
+    """The JSON object in `path`, or a RunFolderError that says how the file is broken."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        if not text.strip():
+            raise RunFolderError(f"{path}: empty file; the run's settings are lost, retrain or restore it")
+        value = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunFolderError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise RunFolderError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def config_from_json(kind, entries, key, path):
+    """The dataclass `kind` from entries[key] of the JSON file `path`. A key the dataclass does not have
+    is an error naming the file (ignored, it would hide a mismatched run); a field it lacks takes its
+    default, so that run folders saved before that field existed still load."""
+    values = entries.get(key)
+    if not isinstance(values, dict):
+        raise RunFolderError(f"{path}: no {key!r} entry (expected an object of {kind.__name__} fields)")
+    known = [f.name for f in fields(kind)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise RunFolderError(f"{path}: {key!r} has unknown key(s) {', '.join(unknown)} "
+                             f"(it accepts {', '.join(known)})")
+    try:
+        return kind(**values)
+    except (TypeError, ValueError) as e:
+        raise RunFolderError(f"{path}: {key!r}: {e}") from None
+
+
+def load_weights(path, map_location="cpu"):
+    """The dict of state dicts saved in `path` (weights_only), or a RunFolderError when it is truncated,
+    empty or not a weights file."""
+    if Path(path).stat().st_size == 0:
+        raise RunFolderError(f"{path}: empty file (0 bytes); the run's weights are lost, retrain or restore it")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # zip, pickle and weights_only errors all mean: not a readable weights file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunFolderError(f"{path}: not a readable weights file, truncated or corrupt ({first[:200]})") from None
+    if not isinstance(state, dict):
+        raise RunFolderError(f"{path}: expected a dict of state dicts, got {type(state).__name__}")
+    return state
+
+
+def load_state_into(module, state, name, path):
+    """Load state[name] into module; a missing entry or one whose shapes differ from the config is an
+    error naming the file (torch's own message lists every tensor over many lines)."""
+    if not isinstance(state.get(name), dict):
+        raise RunFolderError(f"{path}: no {name!r} weights")
+    own = module.state_dict()
+    for key, value in state[name].items():
+        if key in own and (not torch.is_tensor(value) or value.shape != own[key].shape):
+            got = f"shape {tuple(value.shape)}" if torch.is_tensor(value) else type(value).__name__
+            raise RunFolderError(f"{path}: {name}.{key} is {got}, but the config beside it builds "
+                                 f"{tuple(own[key].shape)}: the weights and the .json come from different runs")
+    result = module.load_state_dict(state[name], strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        problems = [f"missing {', '.join(result.missing_keys[:3])}" if result.missing_keys else "",
+                    f"unexpected {', '.join(result.unexpected_keys[:3])}" if result.unexpected_keys else ""]
+        raise RunFolderError(f"{path}: {name} weights do not match the config in the same folder "
+                             f"({'; '.join(p for p in problems if p)})")
 
 
 def write_atomic(path, write):

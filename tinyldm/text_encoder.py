@@ -49,11 +49,19 @@ def train_tokenizer(captions, vocab_size=1000, min_frequency=1):
 
 
 def load_tokenizer(path):
-    """Load a tokenizer saved with `tokenizer.save(path)` (the library's JSON format)."""
+    """Load a tokenizer saved with `tokenizer.save(path)` (the library's JSON format); a file that is not
+    one, or lacks the special tokens, is a ValueError naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer at {path}")
-    return Tokenizer.from_file(str(path))
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # the library raises a bare Exception for any parse error
+        raise ValueError(f"{path}: not a valid tokenizer file ({str(e)[:200]})") from None
+    lacking = [t for t in (PAD, UNK, BOS) if tokenizer.token_to_id(t) is None]
+    if lacking:
+        raise ValueError(f"{path}: not a valid tokenizer file (no {', '.join(lacking)} token)")
+    return tokenizer
 
 
 def tokenize(tokenizer, prompts, max_length):
