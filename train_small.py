@@ -3,7 +3,7 @@
     python train_small.py                        # preset "auto": "small" on a CUDA GPU, else "cpu"
     python train_small.py --preset tiny          # every stage in under a minute on a laptop CPU
     python train_small.py --data my_images/      # your own images (+ metadata.jsonl) instead of Shapes
-    python train_small.py --name NAME --resume   # continue an interrupted run where it stopped
+    python train_small.py FLAGS --resume         # the same FLAGS: continue an interrupted run where it stopped
     torchrun --nproc_per_node=2 train_small.py   # data parallel over 2 GPUs (or 2 CPU processes)
     python train_small.py --help                 # every setting; any of them can be overridden
 
@@ -18,6 +18,7 @@ Stages, one function each below, each one visible loop; main() at the bottom cal
 This script is the only place that knows about compile, DDP and the training files of a run folder:
   runs/NAME/  model.json  tokenizer.json  model.pt   the trained model (EMA weights): LatentDiffusion.save
               train_config.json  checkpoint.pt (until the run is complete)  log.jsonl  metrics.json
+              running.lock (while a process trains the run: a second start is refused)
               loss.png  reconstructions.png  samples_*.png
               classifier.json  classifier.pt  classifier_accuracy.png   the classifier (stage 4): save_classifier
 Devices and precision follow tinyldm's one rule (pick_device, autocast in tinyldm/__main__.py).
@@ -34,6 +35,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -221,14 +223,18 @@ def learning_rate(step, peak, warmup, total):
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def save_checkpoint(run, state):
+def save_checkpoint(run_dir, state):
+    write_atomic(run_dir / "checkpoint.pt", lambda p: torch.save(state, p))
+
+
+def save_good_checkpoint(run, state):
     """Write checkpoint.pt, unless a weight or optimiser value in `state` is NaN or inf: a NaN loss between
     two log lines spreads to the weights, and such a checkpoint must never replace the last good one."""
     if not all(torch.isfinite(t).all() for t in _float_tensors(state)):
         raise SystemExit(f"stage {state['stage']}, step {state['step']}: the weights are not finite (NaN or "
                          f"inf), so they were not saved. Stopping; {_last_good(run)}. Lower the learning "
                          "rate and start again.")
-    write_atomic(run.dir / "checkpoint.pt", lambda p: torch.save(state, p))
+    save_checkpoint(run.dir, state)
     run.saved = (state["stage"], state["step"])
 
 
@@ -297,9 +303,65 @@ class StopFlag:
     @staticmethod
     def save_and_exit(run, state):
         if run.main_process:
-            save_checkpoint(run, state)
+            save_good_checkpoint(run, state)
         raise SystemExit(f"interrupted at stage {state['stage']}, step {state['step']}: checkpoint saved. "
                          f"Continue with: {run.resume_command}")
+
+
+LOCK = "running.lock"  # in the run folder while a process trains it: {"pid": ..., "host": ...}
+
+
+class RunLock:
+    """running.lock in the run folder while this process writes to it: a second start of the same run is
+    refused, instead of the two interleaving their checkpoints and logs. A lock left by a process that is
+    gone (kill -9, a power cut) is taken over; the lock is removed when the run ends, however it ends."""
+
+    def __init__(self, run_dir, enabled):
+        self.path = run_dir / LOCK if enabled else None
+
+    def __enter__(self):
+        if self.path is None:  # only the process that writes files (rank 0) takes the lock
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):  # the second try follows the removal of a stale lock
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: one process wins
+            except FileExistsError:
+                self._remove_if_stale()
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+            return self
+        raise SystemExit(f"{self.path.parent} is already running: another process took {self.path} just now.")
+
+    def _remove_if_stale(self):
+        try:
+            holder = json.loads(self.path.read_text())
+            pid, host = int(holder["pid"]), holder["host"]
+        except FileNotFoundError:
+            return  # its process just ended
+        except (ValueError, KeyError, TypeError):  # unreadable: its writer died between open and write
+            self.path.unlink(missing_ok=True)
+            return
+        if host == socket.gethostname() and os.name == "posix" and not _alive(pid):
+            self.path.unlink(missing_ok=True)
+            return
+        raise SystemExit(f"{self.path.parent} is already running (process {pid} on {host} holds {self.path}). "
+                         f"Wait for it to end; if no process trains this run any more, delete {self.path}.")
+
+    def __exit__(self, *exc):
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def resume_command(argv):
@@ -414,7 +476,7 @@ def open_run_folder(cfg, run_dir, device):
     """The checkpoint to continue from (None: a fresh start), once --resume, --overwrite and what is
     already in run_dir agree; a clear error where they do not. Writes nothing."""
     if not cfg.resume:
-        if run_dir.exists() and any(run_dir.iterdir()) and not cfg.overwrite:
+        if run_dir.exists() and any(p.name != LOCK for p in run_dir.iterdir()) and not cfg.overwrite:
             raise SystemExit(f"{run_dir} already exists. Use --resume to continue it, --name to start "
                              "another run, or --overwrite to replace it.")
         return None
@@ -437,8 +499,10 @@ def open_run_folder(cfg, run_dir, device):
 
 def start_run_folder(cfg, run_dir, tokenizer):
     """(Re)make run_dir with the settings and the tokenizer: the first files of a run."""
-    if cfg.overwrite and run_dir.exists() and not cfg.resume:
-        shutil.rmtree(run_dir)
+    if cfg.overwrite and run_dir.exists() and not cfg.resume:  # all but our lock
+        for path in run_dir.iterdir():
+            if path.name != LOCK:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "train_config.json", lambda p: p.write_text(json.dumps(asdict(cfg), indent=2)))
     write_atomic(run_dir / "tokenizer.json", lambda p: tokenizer.save(str(p)))
@@ -532,7 +596,7 @@ def train_autoencoder(run, model, train_images, val_images, checkpoint):
             bar.set_postfix(loss=f"{value:.4f}", rec=f"{parts['rec']:.4f}")
         if run.main_process and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.ae_steps:
             check_finite(loss.item(), 1, step, run)
-            save_checkpoint(run, state(step + 1))
+            save_good_checkpoint(run, state(step + 1))
     bar.close()
 
     # validation PSNR, written out: evaluate.psnr's 10·log10(1/MSE) rounds differently in the last digit
@@ -608,7 +672,7 @@ def train_diffusion(run, model, latents, prompts, checkpoint):
                 **({"final_loss": run.metrics["final_loss"]} if "final_loss" in run.metrics else {})}
 
     if run.main_process and start == 0:
-        save_checkpoint(run, state(0))  # from here on, stage 1 is never trained again
+        save_good_checkpoint(run, state(0))  # from here on, stage 1 is never trained again
     bar = tqdm(range(start, cfg.steps), desc="stage 3: diffusion", disable=not run.main_process,
                initial=start, total=cfg.steps)
     model.train()
@@ -643,13 +707,13 @@ def train_diffusion(run, model, latents, prompts, checkpoint):
             run.metrics["final_loss"] = value
         if run.main_process and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             check_finite(loss.item(), 3, step, run)
-            save_checkpoint(run, state(step + 1))
+            save_good_checkpoint(run, state(step + 1))
         if run.main_process and cfg.sample_every and (step + 1) % cfg.sample_every == 0 and step + 1 < cfg.steps:
             save_samples(ema, prompts, run.dir / f"samples_{step + 1:06d}.png", cfg, device)
     bar.close()
     run.metrics["time_diffusion_s"] = time.time() - timer
     if run.main_process:  # stage 3 is done: a resume from here on only redoes stage 4 (it is short)
-        save_checkpoint(run, state(cfg.steps))
+        save_good_checkpoint(run, state(cfg.steps))
     return ema
 
 
@@ -752,27 +816,28 @@ def main(argv=None):
     model = model.to(device)
 
     # 4. only now, with data and configs known to be good, touch the run folder
-    saved = (checkpoint["stage"], checkpoint["step"]) if checkpoint else None
-    resume_point = (saved or (0, 0)) if cfg.resume else None  # a resume drops the log past its checkpoint
-    run = Run(cfg, device, rank, world, run_dir, log=Log(run_dir / "log.jsonl", rank == 0, resume_point),
-              stop=StopFlag(install=world == 1), generator=torch.Generator(device), metrics=metrics,
-              resume_command=resume_command(argv), saved=saved)
-    if run.main_process:
-        start_run_folder(cfg, run_dir, tokenizer)
-    prompts = prompts_for(cfg, train_set)
+    with RunLock(run_dir, enabled=rank == 0):  # a second start of this run is refused
+        saved = (checkpoint["stage"], checkpoint["step"]) if checkpoint else None
+        resume_point = (saved or (0, 0)) if cfg.resume else None  # a resume drops the log past its checkpoint
+        run = Run(cfg, device, rank, world, run_dir, log=Log(run_dir / "log.jsonl", rank == 0, resume_point),
+                  stop=StopFlag(install=world == 1), generator=torch.Generator(device), metrics=metrics,
+                  resume_command=resume_command(argv), saved=saved)
+        if run.main_process:
+            start_run_folder(cfg, run_dir, tokenizer)
+        prompts = prompts_for(cfg, train_set)
 
-    # 5. the stages, each one loop
-    train_autoencoder(run, model, train_images, val_images, checkpoint)                     # stage 1
-    latents = encode_training_set(run, model, train_images, train_set.captions, tokenizer)  # stage 2
-    ema = train_diffusion(run, model, latents, prompts, checkpoint)                         # stage 3
-    if cfg.classifier_steps and not cfg.data:                                               # stage 4
-        train_classifier(run, model, latents, train_set, val_set, val_images)
+        # 5. the stages, each one loop
+        train_autoencoder(run, model, train_images, val_images, checkpoint)                     # stage 1
+        latents = encode_training_set(run, model, train_images, train_set.captions, tokenizer)  # stage 2
+        ema = train_diffusion(run, model, latents, prompts, checkpoint)                         # stage 3
+        if cfg.classifier_steps and not cfg.data:                                               # stage 4
+            train_classifier(run, model, latents, train_set, val_set, val_images)
 
-    # 6. save the EMA model, sample, plot
-    save_run(run, ema, prompts)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        # 6. save the EMA model, sample, plot
+        save_run(run, ema, prompts)
+        if world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

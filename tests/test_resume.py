@@ -1,8 +1,12 @@
 """Checkpoints, --resume and log.jsonl are exact: what a user meets after a crash, a Ctrl-C or a NaN."""
 
 import json
+import os
 import shlex
 import signal
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -137,3 +141,24 @@ def test_metrics_after_a_resume_have_the_keys_of_an_uninterrupted_run(tmp_path, 
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     cut = json.loads((tmp_path / "cut" / "metrics.json").read_text())
     assert set(cut) == set(whole) and cut["final_loss"] == whole["final_loss"]
+
+
+def test_a_run_in_progress_is_locked_and_a_dead_ones_lock_is_not(tmp_path, monkeypatch):
+    """A second start of a running run (even with --overwrite) is refused before it touches the folder; a lock
+    left by a process that no longer exists does not block a --resume, which removes it at its end."""
+    args = [*FAST, "--runs-dir", str(tmp_path), "--name", "busy"]
+    interrupt_at(monkeypatch, {(3, 2)})
+    with pytest.raises(SystemExit, match="checkpoint saved"):
+        train_small.main(args)
+    run_dir = tmp_path / "busy"
+    assert not (run_dir / train_small.LOCK).exists()  # removed when the run stopped
+    (run_dir / train_small.LOCK).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    for extra in (["--resume"], ["--overwrite"]):
+        with pytest.raises(SystemExit, match=f"already running.*{train_small.LOCK}"):
+            train_small.main(args + extra)
+        assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run_dir / train_small.LOCK).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    train_small.main(args + ["--resume"])
+    assert (run_dir / "model.pt").is_file() and not (run_dir / train_small.LOCK).exists()
