@@ -3,7 +3,7 @@
     python train_small.py                        # preset "auto": "small" on a CUDA GPU, else "cpu"
     python train_small.py --preset tiny          # every stage in under a minute on a laptop CPU
     python train_small.py --data my_images/      # your own images (+ metadata.jsonl) instead of Shapes
-    python train_small.py --name NAME --resume   # continue an interrupted run where it stopped
+    python train_small.py FLAGS --resume         # the same FLAGS: continue an interrupted run where it stopped
     torchrun --nproc_per_node=2 train_small.py   # data parallel over 2 GPUs (or 2 CPU processes)
     python train_small.py --help                 # every setting; any of them can be overridden
 
@@ -18,6 +18,7 @@ Stages, one function each below, each one visible loop; main() at the bottom cal
 This script is the only place that knows about compile, DDP and the training files of a run folder:
   runs/NAME/  model.json  tokenizer.json  model.pt   the trained model (EMA weights): LatentDiffusion.save
               train_config.json  checkpoint.pt (until the run is complete)  log.jsonl  metrics.json
+              running.lock (while a process trains the run: a second start is refused)
               loss.png  reconstructions.png  samples_*.png
               classifier.json  classifier.pt  classifier_accuracy.png   the classifier (stage 4): save_classifier
 Devices and precision follow tinyldm's one rule (pick_device, autocast in tinyldm/__main__.py).
@@ -32,8 +33,10 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -130,8 +133,9 @@ PRESETS = {
                   lr=3e-4, warmup=500, ema_decay=0.999, classifier_steps=2000, classifier_channels=64,
                   checkpoint_every=1000, sample_every=2500),
 }
-RESUME_MAY_CHANGE = {"resume", "overwrite", "device", "compile", "log_every", "checkpoint_every",
-                     "sample_every", "sample_steps", "guidance_scale"}
+# where the run folder is (it may be moved or renamed) and how it is watched, not what it trains
+RESUME_MAY_CHANGE = {"name", "runs_dir", "resume", "overwrite", "device", "compile", "log_every",
+                     "checkpoint_every", "sample_every", "sample_steps", "guidance_scale"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,23 +311,56 @@ def save_checkpoint(run_dir, state):
     write_atomic(run_dir / "checkpoint.pt", lambda p: torch.save(state, p))
 
 
-def check_finite(loss, stage, step, run_dir):
-    """Stop with a clear message on NaN/inf; the last checkpoint on disk is the last good one."""
+def save_good_checkpoint(run, state):
+    """Write checkpoint.pt, unless a weight or optimiser value in `state` is NaN or inf: a NaN loss between
+    two log lines spreads to the weights, and such a checkpoint must never replace the last good one."""
+    if not all(torch.isfinite(t).all() for t in _float_tensors(state)):
+        raise SystemExit(f"stage {state['stage']}, step {state['step']}: the weights are not finite (NaN or "
+                         f"inf), so they were not saved. Stopping; {_last_good(run)}. Lower the learning "
+                         "rate and start again.")
+    save_checkpoint(run.dir, state)
+    run.saved = (state["stage"], state["step"])
+
+
+def _float_tensors(value):
+    """Every floating-point tensor in a (nested) checkpoint state."""
+    if isinstance(value, torch.Tensor):
+        return [value] if value.is_floating_point() else []
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else []
+    return [t for item in items for t in _float_tensors(item)]
+
+
+def _last_good(run):
+    if run.saved is None:
+        return "no checkpoint was written yet"
+    return f"the last good checkpoint, stage {run.saved[0]}, step {run.saved[1]}, is {run.dir / 'checkpoint.pt'}"
+
+
+def check_finite(loss, stage, step, run):
+    """Stop with a clear message on NaN/inf; every checkpoint on disk was checked when it was written."""
     if not math.isfinite(loss):
-        raise SystemExit(f"stage {stage}, step {step}: the loss is {loss}. Stopping; the last good "
-                         f"checkpoint is {run_dir / 'checkpoint.pt'} (if any). Lower the learning rate "
-                         "and start again, or --resume after changing nothing to see it again.")
+        raise SystemExit(f"stage {stage}, step {step}: the loss is {loss} (not finite). Stopping; "
+                         f"{_last_good(run)}. Lower the learning rate and start again.")
 
 
 class Log:
     """log.jsonl: one JSON object per line, appended (only rank 0 writes)."""
 
     def __init__(self, path, enabled, resume_from=None):
+        """resume_from: (stage, step) of the checkpoint a resume starts from, (0, 0) without one; the lines
+        past it are dropped (that part is trained again), and so is a line torn by a crash mid-write."""
         self.path, self.enabled = path, enabled
-        if enabled and resume_from is not None and path.exists():  # drop lines past the checkpoint
-            keep = [line for line in path.read_text().splitlines()
-                    if (json.loads(line)["stage"], json.loads(line)["step"]) <= resume_from]
+        if enabled and resume_from is not None and path.exists():
+            keep = [line for line, record in map(self._parse, path.read_text().splitlines())
+                    if record is not None and (record["stage"], record["step"]) <= resume_from]
             write_atomic(path, lambda p: p.write_text("".join(line + "\n" for line in keep)))
+
+    @staticmethod
+    def _parse(line):
+        try:
+            return line, json.loads(line)
+        except json.JSONDecodeError:  # the last line, half written when the run was killed
+            return line, None
 
     def __call__(self, **record):
         if self.enabled:
@@ -337,6 +374,7 @@ class StopFlag:
 
     def __init__(self, install):
         self.requested = False
+        self.on_request = "saving a checkpoint at the end of this step"  # what Ctrl-C does now: true to it
         if install:
             signal.signal(signal.SIGINT, self._request)
 
@@ -344,15 +382,77 @@ class StopFlag:
         if self.requested:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: saving a checkpoint at the end of this step (Ctrl-C again to quit now)",
-              file=sys.stderr)
+        print(f"\nCtrl-C: {self.on_request} (Ctrl-C again to quit now)", file=sys.stderr)
 
     @staticmethod
     def save_and_exit(run, state):
         if run.main_process:
-            save_checkpoint(run.dir, state)
+            save_good_checkpoint(run, state)
         raise SystemExit(f"interrupted at stage {state['stage']}, step {state['step']}: checkpoint saved. "
-                         f"Continue with: python train_small.py --name {run.cfg.name} --resume")
+                         f"Continue with: {run.resume_command}")
+
+
+LOCK = "running.lock"  # in the run folder while a process trains it: {"pid": ..., "host": ...}
+
+
+class RunLock:
+    """running.lock in the run folder while this process writes to it: a second start of the same run is
+    refused, instead of the two interleaving their checkpoints and logs. A lock left by a process that is
+    gone (kill -9, a power cut) is taken over; the lock is removed when the run ends, however it ends."""
+
+    def __init__(self, run_dir, enabled):
+        self.path = run_dir / LOCK if enabled else None
+
+    def __enter__(self):
+        if self.path is None:  # only the process that writes files (rank 0) takes the lock
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):  # the second try follows the removal of a stale lock
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: one process wins
+            except FileExistsError:
+                self._remove_if_stale()
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+            return self
+        raise SystemExit(f"{self.path.parent} is already running: another process took {self.path} just now.")
+
+    def _remove_if_stale(self):
+        try:
+            holder = json.loads(self.path.read_text())
+            pid, host = int(holder["pid"]), holder["host"]
+        except FileNotFoundError:
+            return  # its process just ended
+        except (ValueError, KeyError, TypeError):  # unreadable: its writer died between open and write
+            self.path.unlink(missing_ok=True)
+            return
+        if host == socket.gethostname() and os.name == "posix" and not _alive(pid):
+            self.path.unlink(missing_ok=True)
+            return
+        raise SystemExit(f"{self.path.parent} is already running (process {pid} on {host} holds {self.path}). "
+                         f"Wait for it to end; if no process trains this run any more, delete {self.path}.")
+
+    def __exit__(self, *exc):
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def resume_command(argv):
+    """The command that continues this run: the flags it was started with (so the same settings, the same
+    folder), with --resume in place of --overwrite."""
+    kept = [a for a in argv if a not in ("--resume", "--no-resume", "--overwrite", "--no-overwrite")]
+    return shlex.join(["python", "train_small.py", *kept, "--resume"])
 
 
 @dataclass
@@ -367,6 +467,8 @@ class Run:
     stop: StopFlag
     generator: torch.Generator  # re-seeded at every step by step_generator
     metrics: dict               # what metrics.json will hold, filled in stage by stage
+    resume_command: str         # printed when the run is interrupted
+    saved: tuple | None = None  # (stage, step) of checkpoint.pt, None while there is none
 
     @property
     def main_process(self):
@@ -458,7 +560,7 @@ def open_run_folder(cfg, run_dir, device):
     """The checkpoint to continue from (None: a fresh start), once --resume, --overwrite and what is
     already in run_dir agree; a clear error where they do not. Writes nothing."""
     if not cfg.resume:
-        if run_dir.exists() and any(run_dir.iterdir()) and not cfg.overwrite:
+        if run_dir.exists() and any(p.name != LOCK for p in run_dir.iterdir()) and not cfg.overwrite:
             raise SystemExit(f"{run_dir} already exists. Use --resume to continue it, --name to start "
                              "another run, or --overwrite to replace it.")
         return None
@@ -472,13 +574,19 @@ def open_run_folder(cfg, run_dir, device):
                          + ", ".join(f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in changed))
     if (run_dir / "checkpoint.pt").is_file():
         return torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=True)
-    return None
+    if (run_dir / "model.pt").is_file() and (run_dir / "metrics.json").is_file():  # save_run got to its end
+        print(f"--resume: {run_dir} is finished (model.pt, metrics.json): nothing left to train. Sample it with "
+              f"python -m tinyldm sample --run {run_dir} \"a red circle\", or train it again with --overwrite.")
+        raise SystemExit(0)
+    return None  # killed before its first checkpoint: it starts again from step 0
 
 
 def start_run_folder(cfg, run_dir, tokenizer):
     """(Re)make run_dir with the settings and the tokenizer: the first files of a run."""
-    if cfg.overwrite and run_dir.exists() and not cfg.resume:
-        shutil.rmtree(run_dir)
+    if cfg.overwrite and run_dir.exists() and not cfg.resume:  # all but our lock
+        for path in run_dir.iterdir():
+            if path.name != LOCK:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "train_config.json", lambda p: p.write_text(json.dumps(asdict(cfg), indent=2)))
     write_atomic(run_dir / "tokenizer.json", lambda p: tokenizer.save(str(p)))
@@ -566,12 +674,13 @@ def train_autoencoder(run, model, train_images, val_images, checkpoint):
         # 5. log, checkpoint
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.ae_steps:
             value = loss.item()
-            check_finite(value, 1, step, run.dir)
+            check_finite(value, 1, step, run)
             parts = {k: float(v) for k, v in parts.items()}
             run.log(stage=1, step=step + 1, loss=value, lr=lr, **parts)
             bar.set_postfix(loss=f"{value:.4f}", rec=f"{parts['rec']:.4f}")
         if run.main_process and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.ae_steps:
-            save_checkpoint(run.dir, state(step + 1))
+            check_finite(loss.item(), 1, step, run)
+            save_good_checkpoint(run, state(step + 1))
     bar.close()
 
     # validation PSNR, written out: evaluate.psnr's 10·log10(1/MSE) rounds differently in the last digit
@@ -636,15 +745,18 @@ def train_diffusion(run, model, latents, prompts, checkpoint):
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.99))  # no decay on biases and norms (GPT-2 practice)
     start = resume_diffusion(model, ema, opt, checkpoint)
+    if start and "final_loss" in checkpoint:  # the loss of the last step, were it already trained
+        run.metrics["final_loss"] = checkpoint["final_loss"]
 
     def state(step):  # a stage-3 checkpoint: all a resume needs, stage 1's result included
         return {"stage": 3, "step": step, "autoencoder": model.autoencoder.state_dict(),
                 "scale_factor": model.scale_factor, "text_encoder": model.text_encoder.state_dict(),
                 "unet": model.unet.state_dict(), "ema_text_encoder": ema.text_encoder.state_dict(),
-                "ema_unet": ema.unet.state_dict(), "opt": opt.state_dict()}
+                "ema_unet": ema.unet.state_dict(), "opt": opt.state_dict(),
+                **({"final_loss": run.metrics["final_loss"]} if "final_loss" in run.metrics else {})}
 
     if run.main_process and start == 0:
-        save_checkpoint(run.dir, state(0))  # from here on, stage 1 is never trained again
+        save_good_checkpoint(run, state(0))  # from here on, stage 1 is never trained again
     bar = tqdm(range(start, cfg.steps), desc="stage 3: diffusion", disable=not run.main_process,
                initial=start, total=cfg.steps)
     model.train()
@@ -673,18 +785,19 @@ def train_diffusion(run, model, latents, prompts, checkpoint):
         # 5. log, checkpoint, samples
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             value = loss.item()
-            check_finite(value, 3, step, run.dir)
+            check_finite(value, 3, step, run)
             run.log(stage=3, step=step + 1, loss=value, lr=lr)
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.1e}")
             run.metrics["final_loss"] = value
         if run.main_process and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(run.dir, state(step + 1))
+            check_finite(loss.item(), 3, step, run)
+            save_good_checkpoint(run, state(step + 1))
         if run.main_process and cfg.sample_every and (step + 1) % cfg.sample_every == 0 and step + 1 < cfg.steps:
             save_samples(ema, prompts, run.dir / f"samples_{step + 1:06d}.png", cfg, device)
     bar.close()
     run.metrics["time_diffusion_s"] = time.time() - timer
     if run.main_process:  # stage 3 is done: a resume from here on only redoes stage 4 (it is short)
-        save_checkpoint(run.dir, state(cfg.steps))
+        save_good_checkpoint(run, state(cfg.steps))
     return ema
 
 
@@ -699,10 +812,12 @@ def train_classifier(run, model, latents, train_set, val_set, val_images):
                                                    num_groups=num_groups(cfg.classifier_channels))).to(device)
     classifier_train = run.parallel(classifier)
     opt = torch.optim.AdamW(classifier.parameters(), lr=cfg.classifier_lr)
+    run.stop.on_request = "stopping at the end of this step; --resume trains stage 4 again from its start"
     bar = tqdm(range(cfg.classifier_steps), desc="stage 4: classifier", disable=not run.main_process)
     for step in bar:
         if run.stop.requested:
-            raise SystemExit(f"interrupted in stage 4: continue with --name {cfg.name} --resume")
+            raise SystemExit(f"interrupted in stage 4 (stages 1-3 are saved in checkpoint.pt): "
+                             f"continue with: {run.resume_command}")
         # 1. batch: single-object images drawn with the generator of (stage 4, step, rank), a fresh z0 of each
         generator = step_generator(run.generator, cfg, 4, step, run.rank)
         j = torch.randint(len(keep), (cfg.batch_size,), generator=generator, device=device)
@@ -719,7 +834,7 @@ def train_classifier(run, model, latents, train_set, val_set, val_images):
         # 4. log
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.classifier_steps:
             value = loss.item()
-            check_finite(value, 4, step, run.dir)
+            check_finite(value, 4, step, run)
             run.log(stage=4, step=step + 1, loss=value, **{k: float(v) for k, v in accuracy.items()})
             bar.set_postfix(loss=f"{value:.3f}")
     bar.close()
@@ -742,6 +857,8 @@ def save_run(run, model, prompts):
     """The end: the trained model, a last sample grid, the loss plot and metrics.json; no checkpoint."""
     if not run.main_process:
         return
+    run.stop.on_request = ("finishing: saving the model, the samples and metrics.json, and then the run "
+                           "is complete; --resume after a second Ctrl-C saves them again")
     model.save(run.dir)
     timer = time.time()
     save_samples(model, prompts, run.dir / "samples_final.png", run.cfg, run.device)
@@ -757,6 +874,7 @@ def save_run(run, model, prompts):
 # ----------------------------------------------------------------------------------------------
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_args(argv)
     check_config(cfg)  # every setting, before anything is written or deleted
     # 1. devices and processes (torchrun sets WORLD_SIZE, RANK and LOCAL_RANK)
@@ -783,25 +901,28 @@ def main(argv=None):
     model = model.to(device)
 
     # 4. only now, with data and configs known to be good, touch the run folder
-    resume_point = (checkpoint["stage"], checkpoint["step"]) if checkpoint else None
-    run = Run(cfg, device, rank, world, run_dir, log=Log(run_dir / "log.jsonl", rank == 0, resume_point),
-              stop=StopFlag(install=world == 1), generator=torch.Generator(device), metrics=metrics)
-    if run.main_process:
-        start_run_folder(cfg, run_dir, tokenizer)
-    prompts = prompts_for(cfg, train_set)
+    with RunLock(run_dir, enabled=rank == 0):  # a second start of this run is refused
+        saved = (checkpoint["stage"], checkpoint["step"]) if checkpoint else None
+        resume_point = (saved or (0, 0)) if cfg.resume else None  # a resume drops the log past its checkpoint
+        run = Run(cfg, device, rank, world, run_dir, log=Log(run_dir / "log.jsonl", rank == 0, resume_point),
+                  stop=StopFlag(install=world == 1), generator=torch.Generator(device), metrics=metrics,
+                  resume_command=resume_command(argv), saved=saved)
+        if run.main_process:
+            start_run_folder(cfg, run_dir, tokenizer)
+        prompts = prompts_for(cfg, train_set)
 
-    # 5. the stages, each one loop
-    train_autoencoder(run, model, train_images, val_images, checkpoint)                     # stage 1
-    latents = encode_training_set(run, model, train_images, train_set.captions, tokenizer)  # stage 2
-    ema = train_diffusion(run, model, latents, prompts, checkpoint)                         # stage 3
-    if cfg.classifier_steps and not cfg.data:                                               # stage 4
-        train_classifier(run, model, latents, train_set, val_set, val_images)
+        # 5. the stages, each one loop
+        train_autoencoder(run, model, train_images, val_images, checkpoint)                     # stage 1
+        latents = encode_training_set(run, model, train_images, train_set.captions, tokenizer)  # stage 2
+        ema = train_diffusion(run, model, latents, prompts, checkpoint)                         # stage 3
+        if cfg.classifier_steps and not cfg.data:                                               # stage 4
+            train_classifier(run, model, latents, train_set, val_set, val_images)
 
-    # 6. save the EMA model, sample, plot
-    save_run(run, ema, prompts)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        # 6. save the EMA model, sample, plot
+        save_run(run, ema, prompts)
+        if world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
