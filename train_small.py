@@ -29,6 +29,7 @@ Randomness: the batch and noise of step s of stage k come from a generator seede
 
 import argparse
 import copy
+import errno
 import json
 import math
 import os
@@ -308,7 +309,31 @@ def learning_rate(step, peak, warmup, total):
 
 
 def save_checkpoint(run_dir, state):
-    write_atomic(run_dir / "checkpoint.pt", lambda p: torch.save(state, p))
+    try:
+        write_atomic(run_dir / "checkpoint.pt", lambda p: torch.save(state, p))
+    except RuntimeError as e:  # torch.save on a full disk says "unexpected pos": make it the OSError it is
+        raise OSError(errno.ENOSPC if _disk_full(run_dir) else errno.EIO, str(e).splitlines()[0],
+                      str(run_dir / "checkpoint.pt")) from e
+
+
+def _disk_full(folder, margin=16 * 2**20):
+    """True when the disk holding `folder` has less than `margin` bytes free."""
+    return shutil.disk_usage(folder).free < margin
+
+
+def cannot_write(run_dir, error, resume):
+    """One line for an OSError while writing the run folder: a full disk, a folder that is not writable, or
+    what else the system said; the last good checkpoint (write_atomic never leaves half of one) is kept."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT) or (run_dir.exists() and _disk_full(run_dir)):
+        why = "the disk is full"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "the folder is not writable"
+    else:
+        why = error.strerror or str(error)
+    where = error.filename or run_dir
+    kept = "the last good checkpoint is kept; continue with: " + resume if (run_dir / "checkpoint.pt").is_file() \
+        else "no checkpoint was written yet"
+    return f"cannot write {where}: {why}. Stopping; {kept}"
 
 
 def save_good_checkpoint(run, state):
@@ -901,28 +926,31 @@ def main(argv=None):
     model = model.to(device)
 
     # 4. only now, with data and configs known to be good, touch the run folder
-    with RunLock(run_dir, enabled=rank == 0):  # a second start of this run is refused
-        saved = (checkpoint["stage"], checkpoint["step"]) if checkpoint else None
-        resume_point = (saved or (0, 0)) if cfg.resume else None  # a resume drops the log past its checkpoint
-        run = Run(cfg, device, rank, world, run_dir, log=Log(run_dir / "log.jsonl", rank == 0, resume_point),
-                  stop=StopFlag(install=world == 1), generator=torch.Generator(device), metrics=metrics,
-                  resume_command=resume_command(argv), saved=saved)
-        if run.main_process:
-            start_run_folder(cfg, run_dir, tokenizer)
-        prompts = prompts_for(cfg, train_set)
+    try:
+        with RunLock(run_dir, enabled=rank == 0):  # a second start of this run is refused
+            saved = (checkpoint["stage"], checkpoint["step"]) if checkpoint else None
+            resume_point = (saved or (0, 0)) if cfg.resume else None  # a resume drops the log past its checkpoint
+            run = Run(cfg, device, rank, world, run_dir, log=Log(run_dir / "log.jsonl", rank == 0, resume_point),
+                      stop=StopFlag(install=world == 1), generator=torch.Generator(device), metrics=metrics,
+                      resume_command=resume_command(argv), saved=saved)
+            if run.main_process:
+                start_run_folder(cfg, run_dir, tokenizer)
+            prompts = prompts_for(cfg, train_set)
 
-        # 5. the stages, each one loop
-        train_autoencoder(run, model, train_images, val_images, checkpoint)                     # stage 1
-        latents = encode_training_set(run, model, train_images, train_set.captions, tokenizer)  # stage 2
-        ema = train_diffusion(run, model, latents, prompts, checkpoint)                         # stage 3
-        if cfg.classifier_steps and not cfg.data:                                               # stage 4
-            train_classifier(run, model, latents, train_set, val_set, val_images)
+            # 5. the stages, each one loop
+            train_autoencoder(run, model, train_images, val_images, checkpoint)                     # stage 1
+            latents = encode_training_set(run, model, train_images, train_set.captions, tokenizer)  # stage 2
+            ema = train_diffusion(run, model, latents, prompts, checkpoint)                         # stage 3
+            if cfg.classifier_steps and not cfg.data:                                               # stage 4
+                train_classifier(run, model, latents, train_set, val_set, val_images)
 
-        # 6. save the EMA model, sample, plot
-        save_run(run, ema, prompts)
-        if world > 1:
-            dist.barrier()
-            dist.destroy_process_group()
+            # 6. save the EMA model, sample, plot
+            save_run(run, ema, prompts)
+            if world > 1:
+                dist.barrier()
+                dist.destroy_process_group()
+    except OSError as e:  # a full disk or a folder that is not writable: one line, the good checkpoint kept
+        raise SystemExit(cannot_write(run_dir, e, resume_command(argv))) from None
 
 
 if __name__ == "__main__":

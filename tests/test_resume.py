@@ -162,3 +162,36 @@ def test_a_run_in_progress_is_locked_and_a_dead_ones_lock_is_not(tmp_path, monke
     (run_dir / train_small.LOCK).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
     train_small.main(args + ["--resume"])
     assert (run_dir / "model.pt").is_file() and not (run_dir / train_small.LOCK).exists()
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
+    """torch.save on a full disk fails with "unexpected pos": the user reads that the disk is full, the last
+    good checkpoint is still there and loads, and no half-written temporary file is left behind."""
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) > 3:  # the first checkpoints fit, then the disk is full
+            with open(f, "wb") as fh:
+                fh.write(b"half")
+            raise RuntimeError("[enforce fail at inline_container.cc:778] . unexpected pos 1234 vs 5678")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(train_small.shutil, "disk_usage", lambda path: type("U", (), {"free": 0})())
+    with pytest.raises(SystemExit, match="disk is full. Stopping; the last good checkpoint is kept; continue with"):
+        train_small.main([*FAST, "--runs-dir", str(tmp_path), "--name", "full"])
+    monkeypatch.setattr(torch, "save", real_save)
+    state = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    assert state["step"] > 0
+    assert not [p.name for p in (tmp_path / "full").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_folder_that_is_not_writable_is_one_line(tmp_path, monkeypatch):
+    """A runs folder the user may not write to (or a read-only disk): one line that says so."""
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "ro" / "train_config.json"))
+
+    monkeypatch.setattr(train_small, "start_run_folder", refuse)
+    with pytest.raises(SystemExit, match=r"cannot write .*train_config.json: the folder is not writable"):
+        train_small.main([*FAST, "--runs-dir", str(tmp_path), "--name", "ro"])

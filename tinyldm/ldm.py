@@ -310,5 +310,9 @@ def write_atomic(path, write):
     old file intact (os.replace is atomic on POSIX and Windows)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a read-only folder, Ctrl-C: leave no half-written temporary file
+        tmp.unlink(missing_ok=True)
+        raise
