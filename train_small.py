@@ -72,6 +72,7 @@ class TrainConfig:
     seed: int = 0                   # seeds the dataset, the weights and every batch
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     compile: bool = False           # torch.compile the U-Net (CUDA; pays off only for long runs)
+    threads: int = 0                # CPU threads for torch; 0 = the cores not already busy (see cpu_threads)
     # data
     image_size: int = 32            # pixels per side (Shapes: 32 or 64)
     num_train: int = 20000          # Shapes training images
@@ -135,7 +136,7 @@ PRESETS = {
                   checkpoint_every=1000, sample_every=2500),
 }
 # where the run folder is (it may be moved or renamed) and how it is watched, not what it trains
-RESUME_MAY_CHANGE = {"name", "runs_dir", "resume", "overwrite", "device", "compile", "log_every",
+RESUME_MAY_CHANGE = {"name", "runs_dir", "resume", "overwrite", "device", "compile", "threads", "log_every",
                      "checkpoint_every", "sample_every", "sample_steps", "guidance_scale"}
 
 
@@ -146,7 +147,8 @@ RESUME_MAY_CHANGE = {"name", "runs_dir", "resume", "overwrite", "device", "compi
 RANGES = [
     (("ae_steps", "steps", "num_train", "num_val", "ae_batch_size", "batch_size", "log_every", "checkpoint_every",
       "sample_steps", "classifier_channels"), lambda v: v >= 1, "an integer >= 1"),
-    (("seed", "warmup", "disc_start", "classifier_steps", "sample_every"), lambda v: v >= 0, "an integer >= 0"),
+    (("seed", "warmup", "disc_start", "classifier_steps", "sample_every", "threads"), lambda v: v >= 0,
+     "an integer >= 0"),
     (("vocab_size",), lambda v: v >= 4, "an integer >= 4 (3 special tokens and at least one word)"),
     (("max_length",), lambda v: v >= 2, "an integer >= 2 (the start token and at least one word)"),
     (("image_size",), lambda v: v >= 16, "an integer >= 16 (pixels a side)"),
@@ -898,7 +900,39 @@ def save_run(run, model, prompts):
 
 # ----------------------------------------------------------------------------------------------
 
+def busy_cores(seconds=0.25):
+    """How many cores other processes keep busy now: from /proc/stat over `seconds` on Linux, less what this
+    process's own threads use meanwhile; elsewhere the 1-minute load average (which lags by about a minute)."""
+    def idle_and_total():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]  # the "cpu" line: user nice system idle iowait ...
+        return values[3] + values[4], sum(values)
+
+    try:
+        idle0, total0 = idle_and_total()
+        own0, wall0 = time.process_time(), time.perf_counter()
+        time.sleep(seconds)
+        idle1, total1 = idle_and_total()
+        own = (time.process_time() - own0) / (time.perf_counter() - wall0)  # our own threads, still spinning
+        cores = len(os.sched_getaffinity(0))
+        return max(0.0, cores * (1 - (idle1 - idle0) / max(1, total1 - total0)) - own)
+    except (OSError, AttributeError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
+def cpu_threads(requested):
+    """torch's CPU threads: `requested`, or with 0 the cores that other processes leave free (at least 1).
+    torch's default, one thread per core, spin-waits when another process holds a core: on this project's
+    2-core machine with one other process spinning, the tiny preset (60 + 60 steps) took 190 s with 2
+    threads and 29 s with 1; idle, 19 s with 2 and 29 s with 1 (README)."""
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, cores - int(busy_cores() + 0.25)))  # a core counts as taken when >= 75 % busy
+
+
 def main(argv=None):
+    from_command_line = argv is None  # a caller in this process (tests, a notebook) keeps its thread setting
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_args(argv)
     check_config(cfg)  # every setting, before anything is written or deleted
@@ -911,6 +945,8 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu" and (cfg.threads or from_command_line):  # process-wide: only when asked, or ours
+        torch.set_num_threads(cpu_threads(cfg.threads))  # (other thread counts may change the last bits)
     torch.manual_seed(cfg.seed)  # the initial weights (identical on every rank)
 
     # 2. the run folder: a checkpoint to continue from, or a clear error, before any work

@@ -77,3 +77,20 @@ def test_name_must_be_one_folder_inside_runs_dir(tmp_path, name):
     before = files_under(tmp_path)
     refused([*FAST, "--runs-dir", str(runs), "--name", name, "--overwrite"], "--name")
     assert files_under(tmp_path) == before
+
+
+def test_cpu_threads_leave_busy_cores_alone(monkeypatch):
+    """--threads N is taken as given; 0 uses the cores other processes leave free, and never fewer than 1."""
+    import os
+
+    import train_small
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert 0 <= train_small.busy_cores(0.05) <= cores + 0.5
+    assert train_small.cpu_threads(3) == 3
+    monkeypatch.setattr(train_small, "busy_cores", lambda: 0.0)
+    assert train_small.cpu_threads(0) == cores
+    monkeypatch.setattr(train_small, "busy_cores", lambda: cores - 1.0)
+    assert train_small.cpu_threads(0) == 1
+    monkeypatch.setattr(train_small, "busy_cores", lambda: cores + 3.0)
+    assert train_small.cpu_threads(0) == 1
