@@ -32,7 +32,8 @@ read the hidden tests, patch pytest when it is imported, rewrite the report, ope
 Step 2 stops the honest mistakes and the cheap tricks (a conftest hook that turns failures into
 passes has no effect), not a determined attacker. Grade untrusted submissions in a sandbox: a
 container with no network, the instructor's project mounted read-only, run as a separate user
-with nothing else to read, and a time limit.
+with nothing else to read, and a time limit. Even there the student's code runs beside the hidden
+tests and writes the failure messages: to keep those tests hidden, show students scores only.
 
 This is tooling for the repository (it reads tests/ and copies the whole tree), so it lives
 beside the package, not in it.
@@ -52,9 +53,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]  # the repository root (course/..)
 BEGIN = re.compile(r"^(\s*)# BEGIN ASSIGNMENT (\d+)\b(.*)$")
 END = re.compile(r"^(\s*)# END ASSIGNMENT (\d+)\s*$")
-# never copied into a starter kit: history (it holds the solutions), run outputs, caches
+# never copied into a starter kit or a grading tree: history (it holds the solutions), run outputs, caches
 SKIP = shutil.ignore_patterns(".git", "runs", "__pycache__", ".pytest_cache", ".ipynb_checkpoints", "*.pt",
                               "bench*.json", "eval*.json", ".venv", "*.egg-info", ".benchmarks", ".ruff_cache")
+TEST_DATA = ("*.pt", "*.json")  # ... except that files of these kinds under tests/ are the tests' data
+
+
+def copy_ignore(root, leave_out=()):
+    """An `ignore` for shutil.copytree(root, ...): SKIP, except the tests' data files, and the paths in leave_out."""
+    root, leave_out = Path(root).resolve(), {Path(p).resolve() for p in leave_out}
+
+    def ignore(folder, names):
+        folder = Path(folder).resolve()
+        skipped = set(SKIP(folder, names))
+        if folder == root / "tests" or root / "tests" in folder.parents:
+            skipped -= {n for n in skipped if (folder / n).is_file() and any(Path(n).match(p) for p in TEST_DATA)}
+        return skipped | {n for n in names if folder / n in leave_out}
+
+    return ignore
 
 
 @dataclass(frozen=True)
@@ -119,13 +135,14 @@ ASSIGNMENTS = (
                r"$\mathrm{softmax}(QK^\top/\sqrt d)$ over the keys (the last axis), in float32, padding keys "
                r"(mask False) at $-\infty$; $Q = W_Q\,\varphi(z_t)$, $K = W_K\,\tau(y)$, $V = W_V\,\tau(y)$ "
                r"(self-attention when there is no context: $K$ and $V$ from $\varphi(z_t)$), split into heads "
-               r"$(B, \text{heads}, L, d)$ and merged back.",
+               r"$(B, \text{heads}, \text{tokens}, d)$ and merged back.",
                "Vaswani et al. 2017 (Transformer) Eq. 1 and Sec. 3.2.2; Rombach et al. 2022 (LDM) Sec. 3.3, "
                "the attention formula (unnumbered)",
                (("notebooks/04_text_and_cross_attention.ipynb", "cross-attention, its maps per token"),)),
     Assignment(6, "Timestep embedding and the ResBlock",
-               r"$[\cos(t\omega_0), \dots, \cos(t\omega_{h-1}), \sin(t\omega_0), \dots, \sin(t\omega_{h-1})]$, "
-               r"$\omega_i = P^{-i/h}$, $h = \lfloor \text{dim}/2 \rfloor$, one zero column more when dim is odd; "
+               r"$[\cos(t\omega_0), \dots, \cos(t\omega_{k-1}), \sin(t\omega_0), \dots, \sin(t\omega_{k-1})]$ "
+               r"with $\omega_i = P^{-i/k}$, $k = \lfloor \text{dim}/2 \rfloor$, $P$ = `max_period` (10000), and "
+               r"one zero column more when dim is odd; "
                r"ResBlock: $h = \mathrm{conv}(\mathrm{SiLU}(\mathrm{GN}(x))) + W\,\mathrm{SiLU}(e_t)$ (one shift "
                r"per channel), out $= \mathrm{skip}(x) + \mathrm{conv}(\mathrm{dropout}(\mathrm{SiLU}(\mathrm{GN}(h))))$.",
                "Vaswani et al. 2017 Sec. 3.5; Ho et al. 2020 (DDPM) App. B; Dhariwal & Nichol 2021 (Guided) Sec. 3",
@@ -302,11 +319,7 @@ def make(out_dir, only=None, root=ROOT):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose a new folder")
     regions = project_regions(root)
 
-    def ignore(folder, names):
-        skipped = set(SKIP(folder, names))
-        skipped |= {n for n in names if (Path(folder) / n).resolve() == root / HIDDEN}  # the hidden tests
-        return skipped | {n for n in names if (Path(folder) / n).resolve() == out_dir}  # never copy into itself
-
+    ignore = copy_ignore(root, leave_out=(root / HIDDEN, out_dir))  # never the hidden tests; never into itself
     shutil.copytree(root, out_dir, ignore=ignore, dirs_exist_ok=True)
     for path in sorted({r.path for r in regions if r.number in only}):
         (out_dir / path).write_text(strip_regions((root / path).read_text(), only, path))
@@ -424,7 +437,7 @@ def assemble(submission, instructor, dest):
     regions spliced into its marked files. Returns the notes on what of the submission is not used."""
     submission, instructor = Path(submission).resolve(), Path(instructor).resolve()
     regions = project_regions(instructor)
-    shutil.copytree(instructor, dest, ignore=SKIP)
+    shutil.copytree(instructor, dest, ignore=copy_ignore(instructor))
     notes = []
     for path in sorted({r.path for r in regions}):
         if not (submission / path).is_file():

@@ -57,7 +57,7 @@ from pathlib import Path
 import pytest
 
 from course.__main__ import main as cli
-from course.assignments import (ASSIGNMENTS, HIDDEN, NUMBERS, ROOT, SKIP, MarkerError, assemble, find_regions,
+from course.assignments import (ASSIGNMENTS, HIDDEN, NUMBERS, ROOT, MarkerError, assemble, copy_ignore, find_regions,
                                 grade, make, project_regions, region_id, splice, strip_regions)
 
 
@@ -78,11 +78,15 @@ def reference(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def instructor(tmp_path_factory):
-    """A copy of the repository with one more hidden test, tests/hidden/test_hidden_planted.py."""
+    """A copy of the repository with one more hidden test, tests/hidden/test_hidden_planted.py, test data
+    (tests/golden_planted.pt) and a run output (runs/x/model.pt)."""
     tree = tmp_path_factory.mktemp("instructor") / "project"
-    shutil.copytree(ROOT, tree, ignore=SKIP)
+    shutil.copytree(ROOT, tree, ignore=copy_ignore(ROOT))
     (tree / HIDDEN).mkdir(exist_ok=True)
     (tree / HIDDEN / "test_hidden_planted.py").write_text(HIDDEN_TEST)
+    (tree / "tests" / "golden_planted.pt").write_bytes(b"data")
+    (tree / "runs" / "x").mkdir(parents=True)
+    (tree / "runs" / "x" / "model.pt").write_bytes(b"weights")
     return tree
 
 
@@ -263,11 +267,16 @@ def test_splice_takes_the_regions_and_reports_the_rest():
 
 
 def test_make_leaves_the_hidden_tests_out(starter, instructor, tmp_path):
-    """The starter of a project with tests/hidden/ has no tests/hidden/ (and this repository's has none)."""
+    """The starter of a project with tests/hidden/ has no tests/hidden/ (and this repository's has none); it
+    keeps the tests' data, and leaves run outputs out. The grading tree keeps all but the run outputs."""
     assert list((instructor / HIDDEN).glob("test_hidden_*.py"))
     make(tmp_path / "kit", root=instructor)
     assert not (tmp_path / "kit" / HIDDEN).exists() and (tmp_path / "kit" / "tests" / "conftest.py").is_file()
+    assert (tmp_path / "kit" / "tests" / "golden_planted.pt").is_file() and not (tmp_path / "kit" / "runs").exists()
     assert not (starter[0] / HIDDEN).exists()
+    assemble(tmp_path / "kit", instructor, tmp_path / "tree")
+    assert (tmp_path / "tree" / HIDDEN / "test_hidden_planted.py").read_text() == HIDDEN_TEST
+    assert (tmp_path / "tree" / "tests" / "golden_planted.pt").is_file() and not (tmp_path / "tree" / "runs").exists()
 
 
 def test_starter_kit_imports_cleanly_and_has_a_handout(starter):
