@@ -33,7 +33,7 @@ def grade_command(args):
         raise SystemExit(f"error: unknown assignment(s) {unknown}; the assignments are {NUMBERS}")
     try:
         result = grade(args.submission, args.only, tests=args.tests)
-    except (FileNotFoundError, MarkerError) as e:
+    except (FileNotFoundError, MarkerError, RuntimeError) as e:  # RuntimeError: pytest did not start
         raise SystemExit(f"error: {e}")
     if args.json:
         print(json.dumps(result, indent=2))

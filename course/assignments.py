@@ -144,7 +144,8 @@ ASSIGNMENTS = (
                r"with $\omega_i = P^{-i/k}$, $k = \lfloor \text{dim}/2 \rfloor$, $P$ = `max_period` (10000), and "
                r"one zero column more when dim is odd; "
                r"ResBlock: $h = \mathrm{conv}(\mathrm{SiLU}(\mathrm{GN}(x))) + W\,\mathrm{SiLU}(e_t)$ (one shift "
-               r"per channel), out $= \mathrm{skip}(x) + \mathrm{conv}(\mathrm{dropout}(\mathrm{SiLU}(\mathrm{GN}(h))))$.",
+               r"per channel), out $= \mathrm{skip}(x) + "
+               r"\mathrm{conv}(\mathrm{dropout}(\mathrm{SiLU}(\mathrm{GN}(h))))$.",
                "Vaswani et al. 2017 Sec. 3.5; Ho et al. 2020 (DDPM) App. B; Dhariwal & Nichol 2021 (Guided) Sec. 3",
                (("notebooks/07_unet_and_training_run.ipynb", "the U-Net, the timestep embedding and the ResBlocks, "
                 "with the shapes at every level"),)),
@@ -437,7 +438,8 @@ def assemble(submission, instructor, dest):
     regions spliced into its marked files. Returns the notes on what of the submission is not used."""
     submission, instructor = Path(submission).resolve(), Path(instructor).resolve()
     regions = project_regions(instructor)
-    shutil.copytree(instructor, dest, ignore=copy_ignore(instructor))
+    inside = () if submission == instructor else (submission,)  # a submission kept in the instructor's tree
+    shutil.copytree(instructor, dest, ignore=copy_ignore(instructor, leave_out=inside))
     notes = []
     for path in sorted({r.path for r in regions}):
         if not (submission / path).is_file():
@@ -470,7 +472,12 @@ def _check_project(folder, role):
 
 def grade(submission=ROOT, only=None, tests=ROOT, pytest_args=(), timeout=1800):
     """Grade the regions of `submission` with the tests of the instructor's project `tests` (default: this
-    repository) for the assignments in `only` (default: all); a dict of results (see the module docstring)."""
+    repository) for the assignments in `only` (default: all), as the module docstring says.
+
+    Returns {"assignments": [{"number", "title", "tests": [{"test", "outcome", "message"}], "total",
+    "passed"}], "passed", "total", "collection_errors", "notes" (what of the submission was not used),
+    "submission", "tests_from"}.
+    """
     submission, tests = Path(submission).resolve(), Path(tests).resolve()
     _check_project(tests, "an instructor's project to grade with")
     if not submission.is_dir():

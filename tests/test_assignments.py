@@ -250,12 +250,14 @@ def test_splice_takes_the_regions_and_reports_the_rest():
             # END ASSIGNMENT 3
         ''')
     submitted = reference.replace("return x", "return 99").replace(
-        "# BEGIN ASSIGNMENT 2\n    raise NotImplementedError", "# BEGIN ASSIGNMENT 2\n    y = helper(x)\n    return 2 * y")
+        "# BEGIN ASSIGNMENT 2\n    raise NotImplementedError",
+        "# BEGIN ASSIGNMENT 2\n    y = helper(x)\n    return 2 * y")
     namespace = {}
     text, notes = splice(reference, submitted, "m.py")
     exec(compile(text, "m.py", "exec"), namespace)
     assert namespace["step"](3) == 6 and namespace["helper"](3) == 3  # the region is theirs, helper ours
-    assert notes == ["m.py: 1 changed line(s) outside the assignment regions; the grade uses the instructor's code there"]
+    assert notes == ["m.py: 1 changed line(s) outside the assignment regions; "
+                     "the grade uses the instructor's code there"]
     lacking = submitted.replace("# BEGIN ASSIGNMENT 3", "").replace("# END ASSIGNMENT 3", "")
     text, notes = splice(reference, lacking, "m.py")
     assert "return 2 * y" in text and 'NotImplementedError("Assignment 3: write other' in text
