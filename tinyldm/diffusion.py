@@ -216,14 +216,15 @@ class NoiseSchedule(nn.Module):
         # 1. the schedule's terms at step t, each (B, 1, ..., 1)
         beta = self._gather(self.betas, t, x_t)  # β_t
         alpha = self._gather(self.alphas, t, x_t)  # α_t = 1 − β_t
-        alpha_bar = self._gather(self.alpha_bars, t, x_t)  # ᾱ_t
+        # 1 − ᾱ_t from √(1−ᾱ_t), made in float64: 1 − ᾱ_t in float32 loses digits near t = 0, where ᾱ_t ≈ 1
+        one_minus_alpha_bar = self._gather(self.sqrt_one_minus_alpha_bars, t, x_t) ** 2  # 1 − ᾱ_t
         alpha_bar_prev = self._gather(self.alpha_bars_prev, t, x_t)  # ᾱ_{t−1}, with ᾱ_{−1} = 1
         # 2. the mean, a weighted sum of x0 and x_t
         # DDPM Eq. 7: μ̃_t = √ᾱ_{t−1}·β_t/(1−ᾱ_t)·x0 + √α_t·(1−ᾱ_{t−1})/(1−ᾱ_t)·x_t
-        mean = (alpha_bar_prev.sqrt() * beta / (1 - alpha_bar) * x0
-                + alpha.sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar) * x_t)
-        # 3. the variance, which does not depend on x0 or x_t
-        variance = (1 - alpha_bar_prev) / (1 - alpha_bar) * beta  # DDPM Eq. 7: β̃_t = (1−ᾱ_{t−1})/(1−ᾱ_t)·β_t
+        mean = (alpha_bar_prev.sqrt() * beta / one_minus_alpha_bar * x0
+                + alpha.sqrt() * (1 - alpha_bar_prev) / one_minus_alpha_bar * x_t)
+        # 3. the variance, which does not depend on x0 or x_t; exactly 0 at t = 0, where ᾱ_{t−1} = 1
+        variance = (1 - alpha_bar_prev) / one_minus_alpha_bar * beta  # DDPM Eq. 7: β̃_t = (1−ᾱ_{t−1})/(1−ᾱ_t)·β_t
         return mean, variance
         # END ASSIGNMENT 2
 
