@@ -208,8 +208,8 @@ class NoiseSchedule(nn.Module):
 
         x0 and x_t of one shape (B, ...); t a LongTensor (B,) or a python int. Returns (mean, variance): the
         mean has the shape of x_t; the variance is (B, 1, ..., 1), or (1, ..., 1) for an int t, and is exactly
-        0 at t = 0 (ᾱ_{−1} = 1). Both are computed here from the buffers betas, alphas, alpha_bars and
-        alpha_bars_prev, read at t with self._gather.
+        0 at t = 0 (ᾱ_{−1} = 1). Both are computed here from the schedule's buffers (betas, alphas,
+        alpha_bars_prev, sqrt_one_minus_alpha_bars, ...), read at t with self._gather.
         """
         _check_same_shape(x0=x0, x_t=x_t)
         # BEGIN ASSIGNMENT 2: DDPM Eqs. 6–7, from the buffers (self._gather(values, t, x) gives values[t], shaped to broadcast)
