@@ -109,16 +109,20 @@ def test_kl_matches_torch_distributions():
     logvar = torch.randn(3, 4, 5, 6, generator=g, dtype=torch.float64)
     posterior = DiagonalGaussian(mean, logvar)
     reference = kl_divergence(Normal(mean, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)).sum(dim=(1, 2, 3))
-    assert posterior.kl().shape == (3,)
+    assert posterior.kl().shape == (3,)  # one value per image, not summed over the batch
     torch.testing.assert_close(posterior.kl().double(), reference)
     torch.testing.assert_close(kl_loss(posterior).double(), reference.mean())
+    half = DiagonalGaussian(mean[:, :2].bfloat16(), logvar[:, :2].bfloat16())  # as under autocast: KL in float32
+    assert half.kl().dtype == torch.float32
+    reference = kl_divergence(Normal(half.mean.double(), torch.exp(0.5 * half.logvar.double())), Normal(0.0, 1.0))
+    torch.testing.assert_close(half.kl().double(), reference.sum(dim=(1, 2, 3)), rtol=1e-2, atol=1e-2)  # σ² is bf16
 
 
 @pytest.mark.assignment(4)
 def test_kl_of_standard_normal_is_zero():
     """KL(N(0, I) ‖ N(0, I)) is exactly 0 for every image."""
     posterior = DiagonalGaussian(torch.zeros(2, 4, 3, 3), torch.zeros(2, 4, 3, 3))
-    assert torch.equal(posterior.kl(), torch.zeros(2))
+    torch.testing.assert_close(posterior.kl(), torch.zeros(2), rtol=0, atol=1e-7)
 
 
 @pytest.mark.assignment(4)
@@ -135,18 +139,19 @@ def test_sample_has_right_moments():
 
 @pytest.mark.assignment(4)
 def test_sample_is_reparametrised_and_reproducible():
-    """Same generator seed → same z; dz/dμ = 1 and dz/dlogvar = ½σε (VAE Sec. 2.4)."""
+    """Same generator seed → same z, another seed → another z; z is differentiable with dz/dμ = 1 and
+    dz/dlogvar = ½σε = ½(z − μ) (VAE Sec. 2.4), whatever ε was drawn; z has the latent's shape and dtype."""
     mean = torch.randn(2, 4, 3, 3, requires_grad=True)
     logvar = torch.randn(2, 4, 3, 3, requires_grad=True)
     posterior = DiagonalGaussian(mean, logvar)
     z1 = posterior.sample(torch.Generator().manual_seed(7))
     z2 = posterior.sample(torch.Generator().manual_seed(7))
     z3 = posterior.sample(torch.Generator().manual_seed(8))
+    assert z1.shape == mean.shape and z1.dtype == mean.dtype
     assert torch.equal(z1, z2) and not torch.equal(z1, z3)
-    eps = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(7))
     z1.sum().backward()
     torch.testing.assert_close(mean.grad, torch.ones_like(mean))
-    torch.testing.assert_close(logvar.grad, 0.5 * torch.exp(0.5 * logvar.detach()) * eps)
+    torch.testing.assert_close(logvar.grad, 0.5 * (z1 - mean).detach())
 
 
 def test_mode_is_mean_and_logvar_is_clamped():
@@ -262,23 +267,29 @@ def test_patch_discriminator_follows_its_config(channels, layers, widths):
 @pytest.mark.assignment(4)
 @pytest.mark.parametrize("kind, rec_loss", [("l1", F.l1_loss), ("l2", F.mse_loss)])
 def test_autoencoder_loss_is_rec_plus_weighted_kl(kind, rec_loss):
-    """LDM Eq. 25 without the adversarial term: loss = L_rec(x, D(z)) + kl_weight·mean KL / (C·H·W), z from the
-    generator, with L_rec the config's L1 or L2 (the default)."""
+    """LDM Eq. 25 without the adversarial term, checked by its parts: x̂ is the decoder's output for a sample
+    z ~ q(z|x) drawn from the generator (the model's forward with that generator), the loss at kl_weight = 0 is the
+    config's L1 or L2 between x and x̂, and raising kl_weight by w adds w·(mean KL per image)/(C·H·W), the KL from
+    torch.distributions. parts report the reconstruction loss and the mean KL."""
     torch.manual_seed(0)
-    model = Autoencoder(tiny_config(kl_weight=0.01, recon_loss=kind))
+    model = Autoencoder(tiny_config(kl_weight=0.0, recon_loss=kind))
     x = draw_shapes(2)
-    loss, parts, _ = autoencoder_loss(model, x, step=0, generator=torch.Generator().manual_seed(3))
-    parts = {k: float(v) for k, v in parts.items()}
-    posterior = model.encode(x)
-    assert posterior.mean.shape == (2, 4, 8, 8)
-    eps = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    z = posterior.mean + posterior.std * eps
-    rec = rec_loss(model.decode(z), x)
+    loss0, parts, x_hat = autoencoder_loss(model, x, step=0, generator=torch.Generator().manual_seed(3))
+    sampled, posterior = model(x, sample_posterior=True, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(x_hat, sampled)
+    assert not torch.allclose(x_hat, model.decode(posterior.mode()), atol=1e-6)  # a sample, not the mean
+    torch.testing.assert_close(loss0, rec_loss(sampled, x))
+    assert loss0.shape == () and loss0.requires_grad
     kl = kl_divergence(Normal(posterior.mean, posterior.std), Normal(0.0, 1.0)).sum(dim=(1, 2, 3)).mean()
-    torch.testing.assert_close(loss, rec + 0.01 * kl / (3 * 16 * 16))
-    assert parts["rec"] == pytest.approx(rec.item(), rel=1e-5)
+    model.cfg.kl_weight = 0.01
+    loss, parts, _ = autoencoder_loss(model, x, step=0, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(loss - loss0, 0.01 * kl / (3 * 16 * 16), rtol=1e-4, atol=1e-9)
+    parts = {k: float(v) for k, v in parts.items()}
+    assert parts["rec"] == pytest.approx(loss0.item(), rel=1e-5)
     assert parts["kl"] == pytest.approx(kl.item(), rel=1e-5)
     assert parts["g"] == 0.0 and parts["weight"] == 0.0
+    other, _, _ = autoencoder_loss(model, x, step=0, generator=torch.Generator().manual_seed(4))
+    assert other != loss  # another draw of z
 
 
 @pytest.mark.assignment(4)

@@ -110,18 +110,33 @@ def test_output_shape():
     assert enc(ids, torch.ones(3, 7, dtype=torch.bool)).shape == (3, 7, 32)
 
 
+def torch_layer_like(block, n_heads):
+    """torch's nn.TransformerEncoderLayer (pre-LN: norm_first=True, GELU MLP, no dropout) with our Block's weights."""
+    d, hidden = block.ln1.normalized_shape[0], block.mlp[0].out_features
+    layer = torch.nn.TransformerEncoderLayer(d, n_heads, dim_feedforward=hidden, dropout=0.0, activation="gelu",
+                                             batch_first=True, norm_first=True)
+    with torch.no_grad():
+        layer.self_attn.in_proj_weight.copy_(block.attn.qkv.weight)  # rows: W_Q, W_K, W_V
+        layer.self_attn.in_proj_bias.copy_(block.attn.qkv.bias)
+        layer.self_attn.out_proj.load_state_dict(block.attn.out.state_dict())
+        layer.linear1.load_state_dict(block.mlp[0].state_dict())
+        layer.linear2.load_state_dict(block.mlp[2].state_dict())
+        layer.norm1.load_state_dict(block.ln1.state_dict())
+        layer.norm2.load_state_dict(block.ln2.state_dict())
+    return layer.train()  # train mode (dropout is 0): torch's generic path, not its fused inference kernel
+
+
 @pytest.mark.assignment(7)
-def test_attention_matches_torch_reference():
-    """The written-out masked attention equals F.scaled_dot_product_attention with the same mask."""
+def test_attention_matches_torch_multihead_attention():
+    """SelfAttention equals torch's nn.MultiheadAttention with the same weights (qkv's rows are W_Q, W_K, W_V), the
+    [PAD] keys masked out by key_padding_mask."""
     enc = _encoder()
     attn = enc.blocks[0].attn
     x = torch.randn(2, 6, 32)
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
-    q, k, v = attn.qkv(x).split(32, dim=-1)
-    q, k, v = (t.view(2, 6, 4, 8).transpose(1, 2) for t in (q, k, v))
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
-    ref = attn.out(ref.transpose(1, 2).reshape(2, 6, 32))
-    assert torch.allclose(attn(x, mask), ref, atol=1e-6)
+    mha = torch_layer_like(enc.blocks[0], 4).self_attn
+    ref, _ = mha(x, x, x, key_padding_mask=~mask, need_weights=False)
+    torch.testing.assert_close(attn(x, mask), ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.assignment(7)
@@ -139,20 +154,29 @@ def test_padding_does_not_change_real_tokens():
 
 
 @pytest.mark.assignment(7)
-def test_encoder_is_a_pre_ln_transformer():
-    """τ(y) = LN_f(blocks(E[ids] + P)), each block x + Attn(LN₁x) then x + MLP(LN₂x), with attention
-    from F.scaled_dot_product_attention (padding keys masked): the composition written out here."""
+def test_block_matches_torch_pre_ln_encoder_layer():
+    """Each block is a pre-LN transformer layer: torch's nn.TransformerEncoderLayer(norm_first=True) with the same
+    weights, [PAD] keys masked, gives the same output."""
+    enc = _encoder(n_layers=2)
+    x = torch.randn(2, 6, 32)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1] * 6], dtype=torch.bool)
+    for block in enc.blocks:
+        ref = torch_layer_like(block, 4)(x, src_key_padding_mask=~mask)
+        torch.testing.assert_close(block(x, mask), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.assignment(7)
+def test_encoder_is_embeddings_then_torch_layers_then_a_final_layer_norm():
+    """τ(y) = LN_f(layers(E[ids] + P[:L])): token embeddings (a one-hot product here) plus the first L position
+    embeddings, then torch's pre-LN layers with our weights, then the final LayerNorm; L may be < max_length."""
     enc = _encoder(n_layers=2)
     ids = torch.tensor([[2, 5, 9, 0, 0, 0], [2, 7, 8, 11, 13, 4]])
     mask = ids != 0
-    x = enc.token_embedding(ids) + enc.position_embedding[:6]
+    x = F.one_hot(ids, 50).float() @ enc.token_embedding.weight + enc.position_embedding[:6]
     for block in enc.blocks:
-        q, k, v = block.attn.qkv(block.ln1(x)).split(32, dim=-1)
-        q, k, v = (t.view(2, 6, 4, 8).transpose(1, 2) for t in (q, k, v))
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
-        x = x + block.attn.out(a.transpose(1, 2).reshape(2, 6, 32))
-        x = x + block.mlp(block.ln2(x))
-    assert torch.allclose(enc(ids, mask), enc.ln_final(x), atol=1e-5)
+        x = torch_layer_like(block, 4)(x, src_key_padding_mask=~mask)
+    ref = F.layer_norm(x, (32,), enc.ln_final.weight, enc.ln_final.bias, enc.ln_final.eps)
+    torch.testing.assert_close(enc(ids, mask), ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.assignment(7)

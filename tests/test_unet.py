@@ -190,41 +190,88 @@ def test_coord_channels_are_the_pixel_grid():
 
 
 @pytest.mark.assignment(6)
-def test_resblock_adds_the_time_embedding_and_the_skip():
-    """ResBlock: h = conv₁(SiLU(GN(x))) + W·SiLU(e); out = skip(x) + conv₂(SiLU(GN(h))), written with
-    torch.nn.functional on the block's weights; at init (conv₂ = 0) the block is its skip path."""
+def test_resblock_is_the_identity_plus_skip_at_init():
+    """At init conv₂ is zero, so the block is its skip path: a 1×1 conv when the widths differ, else x itself."""
     torch.manual_seed(0)
     block = ResBlock(8, 16, time_dim=12, num_groups=4).eval()
     x, emb = torch.randn(2, 8, 6, 6), torch.randn(2, 12)
-    skip = F.conv2d(x, block.skip.weight, block.skip.bias)  # 1×1 conv: the widths differ
-    torch.testing.assert_close(block(x, emb), skip)  # zero-initialised conv₂
-    randomise_weights(block)
-    h = F.conv2d(F.silu(F.group_norm(x, 4, block.norm1.weight, block.norm1.bias, eps=1e-6)),
-                 block.conv1.weight, block.conv1.bias, padding=1)
-    h = h + F.linear(F.silu(emb), block.time_proj.weight, block.time_proj.bias)[:, :, None, None]
-    h = F.conv2d(F.silu(F.group_norm(h, 4, block.norm2.weight, block.norm2.bias, eps=1e-6)),
-                 block.conv2.weight, block.conv2.bias, padding=1)
-    skip = F.conv2d(x, block.skip.weight, block.skip.bias)
-    torch.testing.assert_close(block(x, emb), skip + h, atol=1e-5, rtol=1e-5)
+    out = block(x, emb)
+    assert out.shape == (2, 16, 6, 6)
+    torch.testing.assert_close(out, block.skip(x))
     same_width = ResBlock(8, 8, time_dim=12, num_groups=4)
     torch.testing.assert_close(same_width(x, emb), x)  # identity skip, zero conv₂
 
 
+def record_module_io(block, names):
+    """Forward hooks on block's submodules `names`: {name: (input, output)} of their last call."""
+    seen, handles = {}, []
+    for name in names:
+        module = getattr(block, name)
+        handles.append(module.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, (args[0], out))))
+    return seen, handles
+
+
+@pytest.mark.assignment(6)
+@pytest.mark.parametrize("widths", [(8, 16), (8, 8)])
+def test_resblock_data_flow(widths):
+    """Each of the ResBlock's modules sees what the class docstring says (forward hooks record it): GN₁ sees x,
+    conv₁ SiLU(GN₁(x)), the time projection SiLU(e), GN₂ conv₁'s output plus the projection as one shift per
+    channel, conv₂ SiLU(GN₂(·)) (through dropout), the skip x; the output is skip + conv₂'s output."""
+    torch.manual_seed(0)
+    block = randomise_weights(ResBlock(*widths, time_dim=12, num_groups=4)).eval()
+    x, emb = torch.randn(2, widths[0], 5, 7), torch.randn(2, 12)
+    names = ["norm1", "conv1", "time_proj", "norm2", "dropout", "conv2", "skip"]
+    seen, handles = record_module_io(block, names)
+    out = block(x, emb)
+    for h in handles:
+        h.remove()
+    assert set(seen) == set(names), f"modules never called: {set(names) - set(seen)}"
+    close = torch.testing.assert_close
+    close(seen["norm1"][0], x)
+    close(seen["conv1"][0], F.silu(seen["norm1"][1]))
+    close(seen["time_proj"][0], F.silu(emb))
+    shift = seen["time_proj"][1]  # (B, C_out): one number per channel
+    close(seen["norm2"][0], seen["conv1"][1] + shift[:, :, None, None])
+    close(seen["dropout"][0], F.silu(seen["norm2"][1]))
+    close(seen["conv2"][0], seen["dropout"][1])
+    close(seen["skip"][0], x)
+    close(out, seen["skip"][1] + seen["conv2"][1])
+
+
+@pytest.mark.assignment(6)
+def test_resblock_time_embedding_changes_the_output_and_gradients_reach_every_weight():
+    """Another e gives another output (through the per-channel shift), and every parameter gets a gradient."""
+    torch.manual_seed(0)
+    block = randomise_weights(ResBlock(8, 16, time_dim=12, num_groups=4))
+    x, emb = torch.randn(2, 8, 6, 6), torch.randn(2, 12)
+    assert (block(x, emb) - block(x, torch.randn(2, 12))).abs().max() > 1e-4
+    block(x, emb).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in block.parameters())
+
+
+def weights_by_sdpa(q, k, mask=None):
+    """softmax(QKᵀ/√d) read off F.scaled_dot_product_attention with V = I: each output row is the weight row."""
+    Lk = k.shape[-2]
+    eye = torch.eye(Lk, dtype=q.dtype).expand(*k.shape[:-2], Lk, Lk)
+    return F.scaled_dot_product_attention(q, k, eye, attn_mask=None if mask is None else mask[:, None, None, :])
+
+
 @pytest.mark.assignment(5)
-def test_attention_weights_are_the_softmax():
-    """attention_weights = softmax(QKᵀ/√d) over the keys (Transformer Eq. 1), computed in float32;
-    masked keys get weight exactly 0 and each row sums to 1."""
+def test_attention_weights_match_sdpa():
+    """attention_weights equals the weights F.scaled_dot_product_attention uses (read off with V = I), in float32;
+    masked keys get weight exactly 0 and each row sums to 1; the scale is 1/√d with d the last axis."""
     g = torch.Generator().manual_seed(2)
     q, k = torch.randn(2, 3, 4, 8, generator=g), torch.randn(2, 3, 5, 8, generator=g)
-    ref = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(8), dim=-1)
-    torch.testing.assert_close(attention_weights(q, k), ref)
+    torch.testing.assert_close(attention_weights(q, k), weights_by_sdpa(q, k))
     mask = torch.tensor([[True, False, True, True, False], [True] * 5])
+    torch.testing.assert_close(attention_weights(q, k, mask), weights_by_sdpa(q, k, mask))
     w = attention_weights(q.bfloat16(), k.bfloat16(), mask)
     assert w.dtype == torch.float32 and w.shape == (2, 3, 4, 5)
     assert w[0, :, :, 1].abs().max() == 0 and w[0, :, :, 4].abs().max() == 0
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 3, 4))
-    kept = torch.softmax(q[0] @ k[0, :, [0, 2, 3]].transpose(-2, -1) / math.sqrt(8), dim=-1)
-    torch.testing.assert_close(w[0, :, :, [0, 2, 3]], kept, atol=2e-2, rtol=2e-2)  # bf16 inputs
+    torch.testing.assert_close(w, weights_by_sdpa(q, k, mask), atol=2e-2, rtol=2e-2)  # bf16 inputs
+    wide = torch.randn(1, 1, 3, 32, generator=g), torch.randn(1, 1, 6, 32, generator=g)  # d = 32, Lq != Lk
+    torch.testing.assert_close(attention_weights(*wide), weights_by_sdpa(*wide))
 
 
 @pytest.mark.assignment(5)
@@ -268,18 +315,44 @@ def test_kept_cross_attention_weights_are_the_softmax(model):
     assert all(m.weights is None and not m.keep_weights for m in cross)
 
 
+def multihead_attention_like(attn):
+    """torch's nn.MultiheadAttention with the weights of our Attention copied in (no input bias, W_O's bias)."""
+    C, context_dim = attn.to_q.out_features, attn.to_k.in_features
+    mha = torch.nn.MultiheadAttention(C, attn.heads, kdim=context_dim, vdim=context_dim, batch_first=True)
+    with torch.no_grad():
+        if mha._qkv_same_embed_dim:
+            mha.in_proj_weight.copy_(torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]))
+        else:
+            mha.q_proj_weight.copy_(attn.to_q.weight)
+            mha.k_proj_weight.copy_(attn.to_k.weight)
+            mha.v_proj_weight.copy_(attn.to_v.weight)
+        mha.in_proj_bias.zero_()
+        mha.out_proj.weight.copy_(attn.to_out.weight)
+        mha.out_proj.bias.copy_(attn.to_out.bias)
+    return mha
+
+
 @pytest.mark.assignment(5)
-def test_attention_module_self_and_cross():
-    """Attention with context=None is self-attention (K, V from x); with a context, K, V come from it."""
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("cross", [False, True])
+def test_attention_module_matches_torch_multihead_attention(fused, cross):
+    """Attention (self: K, V from x; cross: K, V from the context) equals torch's nn.MultiheadAttention with the same
+    weights, padding keys masked (key_padding_mask); with keep_weights it keeps the per-head softmax weights."""
     torch.manual_seed(0)
-    attn = Attention(query_dim=8, context_dim=6, heads=2, fused=False)
-    x, c = torch.randn(2, 10, 8), torch.randn(2, 3, 6)
-    assert attn(x, c).shape == (2, 10, 8)
-    self_attn = Attention(query_dim=8, heads=2, fused=False)
-    # reference self-attention from torch's MultiheadAttention-free formula: per head softmax(QKᵀ/√d)V
-    q, k, v = (lin(x).view(2, 10, 2, 4).transpose(1, 2) for lin in (self_attn.to_q, self_attn.to_k, self_attn.to_v))
-    ref = self_attn.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 10, 8))
-    torch.testing.assert_close(self_attn(x), ref, atol=1e-5, rtol=1e-5)
+    attn = Attention(query_dim=8, context_dim=6 if cross else None, heads=2, fused=fused)
+    x = torch.randn(2, 10, 8)
+    c = torch.randn(2, 4, 6) if cross else x
+    mask = torch.tensor([[True, True, False, False], [True] * 4]) if cross else None
+    mha = multihead_attention_like(attn)
+    ref, ref_weights = mha(x, c, c, key_padding_mask=None if mask is None else ~mask, average_attn_weights=False)
+    attn.keep_weights = True
+    out = attn(x, c if cross else None, mask)
+    assert out.shape == (2, 10, 8)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attn.weights, ref_weights, atol=1e-5, rtol=1e-5)
+    attn.keep_weights, attn.weights = False, None
+    attn(x, c if cross else None, mask)
+    assert attn.weights is None
 
 
 def test_feedforward_is_geglu():

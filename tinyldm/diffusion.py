@@ -24,9 +24,7 @@ Glossary (code name: symbol: meaning, with the equation that defines it)
   alpha_bars_prev            ᾱ_{t−1}   ᾱ shifted by one step, ᾱ_{−1} = 1
   sqrt_alpha_bars            √ᾱ_t      how much signal x_t keeps
   sqrt_one_minus_alpha_bars  √(1−ᾱ_t)  how much noise x_t holds
-  posterior_variance         β̃_t       (1−ᾱ_{t−1})/(1−ᾱ_t)·β_t, variance of q(x_{t−1}|x_t, x0)           DDPM Eq. 7
-  posterior_mean_coef_x0     —         √ᾱ_{t−1}·β_t/(1−ᾱ_t)    so that μ̃_t = coef_x0·x0 + coef_xt·x_t   DDPM Eq. 7
-  posterior_mean_coef_xt     —         √α_t·(1−ᾱ_{t−1})/(1−ᾱ_t)
+  (q_posterior's result)     μ̃_t, β̃_t  mean and variance of the posterior q(x_{t−1}|x_t, x0)             DDPM Eqs. 6–7
   x0, x_t, eps               x0, x_t, ε   data, noisy data, noise ε ~ N(0, I); x̂0, ε̂ are predictions of them
   v                          v         √ᾱ_t·ε − √(1−ᾱ_t)·x0, the "velocity" target        v-pred Sec. 4 and App. D
   score                      ∇log p    ∇_{x_t} log p(x_t) = −ε/√(1−ᾱ_t)                                Guided Eq. 11
@@ -79,6 +77,9 @@ def make_beta_schedule(kind, T=1000, beta_start=1e-4, beta_end=2e-2):
     "linear"         DDPM Sec. 4: β rises linearly from beta_start to beta_end.
     "scaled_linear"  linear in √β (what CompVis calls "linear" and Stable Diffusion uses).
     "cosine"         Improved DDPM Eq. 17 with s = 0.008, β clipped at 0.999; ignores beta_start/end.
+                     Mind the step convention: code t is paper step t+1, so the ᾱ that β_0 … β_t
+                     give at code t is the paper's ᾱ(t+1) = f(t+1)/f(0), and the last code step
+                     T−1 reaches the paper's f(T).
     """
     if kind not in SCHEDULE_KINDS:
         raise ValueError(f"unknown beta schedule kind {kind!r}; expected one of {SCHEDULE_KINDS}")
@@ -131,7 +132,6 @@ class NoiseSchedule(nn.Module):
         alphas = 1 - betas  # α_t = 1 − β_t
         alpha_bars = torch.cumprod(alphas, dim=0)  # ᾱ_t = ∏_{s≤t} α_s
         alpha_bars_prev = torch.cat([alpha_bars.new_ones(1), alpha_bars[:-1]])  # ᾱ_{t−1}, with ᾱ_{−1} = 1
-        posterior_variance = (1 - alpha_bars_prev) / (1 - alpha_bars) * betas  # DDPM Eq. 7: β̃_t
         buffers = {
             "betas": betas,
             "alphas": alphas,
@@ -139,9 +139,6 @@ class NoiseSchedule(nn.Module):
             "alpha_bars_prev": alpha_bars_prev,
             "sqrt_alpha_bars": alpha_bars.sqrt(),  # √ᾱ_t
             "sqrt_one_minus_alpha_bars": (1 - alpha_bars).sqrt(),  # √(1−ᾱ_t)
-            "posterior_variance": posterior_variance,
-            "posterior_mean_coef_x0": alpha_bars_prev.sqrt() * betas / (1 - alpha_bars),  # DDPM Eq. 7
-            "posterior_mean_coef_xt": alphas.sqrt() * (1 - alpha_bars_prev) / (1 - alpha_bars),  # DDPM Eq. 7
         }
         for name, value in buffers.items():
             self.register_buffer(name, value.float(), persistent=False)
@@ -182,7 +179,11 @@ class NoiseSchedule(nn.Module):
     # --- forward process and its inversions -------------------------------------------------
 
     def q_sample(self, x0, t, eps):
-        """Jump from the data to step t in one go: a sample of q(x_t | x0)."""
+        """Jump from the data to step t in one go: a sample of q(x_t | x0) (DDPM Eq. 4, reparametrised).
+
+        x0 and eps (ε ~ N(0, I)) of one shape (B, ...); t a LongTensor (B,) or a python int. Returns x_t,
+        shaped as x0.
+        """
         _check_same_shape(x0=x0, eps=eps)
         # BEGIN ASSIGNMENT 1: DDPM Eq. 4 (self._gather(values, t, x) gives values[t], shaped to broadcast)
         # DDPM Eq. 4, reparametrised: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε
@@ -203,27 +204,38 @@ class NoiseSchedule(nn.Module):
         return (x_t - sqrt_alpha_bar * x0) / self._gather(self.sqrt_one_minus_alpha_bars, t, x_t)
 
     def q_posterior(self, x0, x_t, t):
-        """Mean and variance of q(x_{t−1} | x_t, x0) = N(μ̃_t, β̃_t·I).
+        """Mean and variance of the posterior q(x_{t−1} | x_t, x0) = N(μ̃_t, β̃_t·I) (DDPM Eqs. 6–7).
 
-        The mean has the shape of x_t; the variance is (B, 1, ..., 1), or (1, ..., 1) for an int t.
+        x0 and x_t of one shape (B, ...); t a LongTensor (B,) or a python int. Returns (mean, variance): the
+        mean has the shape of x_t; the variance is (B, 1, ..., 1), or (1, ..., 1) for an int t, and is exactly
+        0 at t = 0 (ᾱ_{−1} = 1). Both are computed here from the schedule's buffers (betas, alphas,
+        alpha_bars_prev, sqrt_one_minus_alpha_bars, ...), read at t with self._gather.
         """
         _check_same_shape(x0=x0, x_t=x_t)
-        # BEGIN ASSIGNMENT 2: DDPM Eqs. 6–7 (the coefficients are buffers made in __init__)
+        # BEGIN ASSIGNMENT 2: DDPM Eqs. 6–7, from the buffers (self._gather(values, t, x) gives values[t], shaped to broadcast)
+        # 1. the schedule's terms at step t, each (B, 1, ..., 1)
+        beta = self._gather(self.betas, t, x_t)  # β_t
+        alpha = self._gather(self.alphas, t, x_t)  # α_t = 1 − β_t
+        # 1 − ᾱ_t from √(1−ᾱ_t), made in float64: 1 − ᾱ_t in float32 loses digits near t = 0, where ᾱ_t ≈ 1
+        one_minus_alpha_bar = self._gather(self.sqrt_one_minus_alpha_bars, t, x_t) ** 2  # 1 − ᾱ_t
+        alpha_bar_prev = self._gather(self.alpha_bars_prev, t, x_t)  # ᾱ_{t−1}, with ᾱ_{−1} = 1
+        # 2. the mean, a weighted sum of x0 and x_t
         # DDPM Eq. 7: μ̃_t = √ᾱ_{t−1}·β_t/(1−ᾱ_t)·x0 + √α_t·(1−ᾱ_{t−1})/(1−ᾱ_t)·x_t
-        mean = (self._gather(self.posterior_mean_coef_x0, t, x_t) * x0
-                + self._gather(self.posterior_mean_coef_xt, t, x_t) * x_t)
-        variance = self._gather(self.posterior_variance, t, x_t)  # DDPM Eq. 7: β̃_t = (1−ᾱ_{t−1})/(1−ᾱ_t)·β_t
+        mean = (alpha_bar_prev.sqrt() * beta / one_minus_alpha_bar * x0
+                + alpha.sqrt() * (1 - alpha_bar_prev) / one_minus_alpha_bar * x_t)
+        # 3. the variance, which does not depend on x0 or x_t; exactly 0 at t = 0, where ᾱ_{t−1} = 1
+        variance = (1 - alpha_bar_prev) / one_minus_alpha_bar * beta  # DDPM Eq. 7: β̃_t = (1−ᾱ_{t−1})/(1−ᾱ_t)·β_t
         return mean, variance
         # END ASSIGNMENT 2
 
     # --- one reverse step -------------------------------------------------------------------
 
     def ddpm_step(self, x_t, t, eps, noise=None, generator=None):
-        """One ancestral step x_t → x_{t−1} ~ N(μ̃_t(x_t, x̂0), β̃_t·I), with no noise where t == 0.
+        """One ancestral step x_t → x_{t−1}, a sample of the posterior q(x_{t−1} | x_t, x̂0) with x̂0 the data
+        that ε implies (DDPM Algorithm 2, line 4, with σ_t² = β̃_t); no noise where t == 0.
 
-        Written through x̂0 and the posterior, which equals DDPM Algorithm 2 line 4,
-        x_{t−1} = (x_t − β_t/√(1−ᾱ_t)·ε)/√α_t + σ_t·z with σ_t² = β̃_t. `noise` (shape of x_t)
-        replaces the draw from `generator`.
+        x_t and eps of one shape (B, ...); t a LongTensor (B,) or a python int. `noise` (z, shape of x_t)
+        replaces the draw from `generator`. Returns x_{t−1}, shaped as x_t.
         """
         # BEGIN ASSIGNMENT 2: DDPM Algorithm 2, line 4, through x̂0 (self.predict_x0) and self.q_posterior
         # 1. the clean data the noise prediction implies
@@ -239,10 +251,13 @@ class NoiseSchedule(nn.Module):
         # END ASSIGNMENT 2
 
     def ddim_step(self, x_t, t, t_prev, eps, eta=0.0, noise=None, generator=None):
-        """One DDIM step x_t → x_{t_prev} for any t_prev < t; t_prev = −1 means ᾱ_prev = 1 (the data).
+        """One DDIM step x_t → x_{t_prev} for any t_prev < t (DDIM Eqs. 12 and 16); t_prev = −1 means
+        ᾱ_prev = 1 (the data).
 
-        eta = 0 is deterministic (`noise` is ignored and nothing is drawn); eta = 1 with
-        t_prev = t − 1 has DDPM's posterior variance β̃_t.
+        t and t_prev: both python ints (as ddim_sample calls it) or both LongTensors (B,). x_t and eps of one
+        shape (B, ...). eta = 0 is deterministic (`noise` is ignored and nothing is drawn); eta = 1 with
+        t_prev = t − 1 has DDPM's posterior variance β̃_t. `noise` (z, shape of x_t) replaces the draw from
+        `generator`. Returns x_{t_prev}, shaped as x_t.
         """
         if eta < 0:
             raise ValueError(f"eta must be >= 0; got {eta}")
@@ -303,10 +318,11 @@ class NoiseSchedule(nn.Module):
 
 
 def classifier_free_guidance(eps_cond, eps_uncond, scale):
-    """Classifier-free guidance: scale 1 is the conditional prediction, 0 the unconditional one.
+    """Classifier-free guidance (CFG Eq. 6, with scale s = 1 + w): the guided noise prediction ε̃.
 
-    Bayes: ∇log p(x|c) − ∇log p(x) is the implicit classifier's gradient ∇log p(c|x), and CFG
-    pushes ε along it: ε̃ = ε_u + s·(ε_c − ε_u) = (1+w)·ε_c − w·ε_u with s = 1 + w (CFG Eq. 6).
+    eps_cond (ε_c) and eps_uncond (ε_u) of one shape; returns ε̃ of that shape. s = 1 gives ε_c, s = 0
+    gives ε_u, s > 1 extrapolates past ε_c, away from ε_u. Bayes: ∇log p(x|c) − ∇log p(x) is the implicit
+    classifier's gradient ∇log p(c|x), and CFG pushes ε along it, s times (notebook 01, Eqs. 8–12).
     """
     _check_same_shape(eps_cond=eps_cond, eps_uncond=eps_uncond)
     # BEGIN ASSIGNMENT 3: CFG Eq. 6
@@ -315,10 +331,13 @@ def classifier_free_guidance(eps_cond, eps_uncond, scale):
 
 
 def classifier_guidance(schedule, eps, t, grad_log_p, scale):
-    """Classifier guidance: ε̂ = ε − s·√(1−ᾱ_t)·∇_{x_t} log p(y|x_t) (Guided Eq. 14, Algorithm 2).
+    """Classifier guidance (Guided Eq. 14, Algorithm 2) with scale s: the guided noise prediction ε̂.
 
-    Bayes: ∇log p(x_t|y) = ∇log p(x_t) + s·∇log p(y|x_t). The classifier's gradient is a score,
-    so it is turned into ε units with ε = −√(1−ᾱ_t)·score (Guided Eq. 11) and added.
+    eps (ε) and grad_log_p (∇_{x_t} log p(y|x_t)) of one shape; t as in NoiseSchedule; returns ε̂ of that
+    shape, exactly ε at s = 0. Bayes: ∇log p(x_t|y) = ∇log p(x_t) + ∇log p(y|x_t). Guidance multiplies the
+    classifier's term by s, which gives ∇log p(x_t) + s·∇log p(y|x_t), the score of the tilted density
+    p(x_t)·p(y|x_t)^s: the conditional score ∇log p(x_t|y) only at s = 1 (notebook 01, Eqs. 4–7). The
+    classifier's gradient is a score, so it is turned into ε units with ε = −√(1−ᾱ_t)·score (Guided Eq. 11).
     """
     _check_same_shape(eps=eps, grad_log_p=grad_log_p)
     # BEGIN ASSIGNMENT 3: Guided Eq. 14 (schedule.eps_from_score turns a score into ε units)
@@ -334,7 +353,7 @@ def make_guided_eps(model, schedule, context=None, uncond_context=None, guidance
     model(x_t, t, context) -> ε (or v if prediction == "v"), t a LongTensor (B,); `context` and
     `uncond_context` (c and c_u) are passed through untouched. CFG runs when uncond_context is given and
     guidance_scale s != 1; classifier guidance when classifier_grad(x_t, t) -> ∇_{x_t} log p(y|x_t) is given
-    and classifier_scale γ != 0 (it runs with grad enabled, inside the samplers' no_grad).
+    and classifier_scale s != 0 (it runs with grad enabled, inside the samplers' no_grad).
     """
     _check_prediction(prediction)
 
@@ -350,7 +369,7 @@ def make_guided_eps(model, schedule, context=None, uncond_context=None, guidance
         if uncond_context is not None and guidance_scale != 1:
             eps_uncond = model_eps(x_t, t, t_batch, uncond_context)
             eps = classifier_free_guidance(eps, eps_uncond, guidance_scale)  # CFG Eq. 6
-        # 3. classifier guidance with the classifier's ∇_{x_t} log p(y|x_t): ε̂ = ε̃ − γ·√(1−ᾱ_t)·∇
+        # 3. classifier guidance with the classifier's ∇_{x_t} log p(y|x_t): ε̂ = ε̃ − s·√(1−ᾱ_t)·∇
         if classifier_grad is not None and classifier_scale != 0:
             with torch.enable_grad():
                 grad_log_p = classifier_grad(x_t.detach(), t_batch)  # ∇_{x_t} log p(y|x_t)

@@ -112,7 +112,7 @@ class LatentDiffusion(nn.Module):
 
     def forward(self, z0, ids, mask, generator=None):
         """Training loss on latents (what train_small.py calls, through DDP when distributed):
-        LDM Eq. 2 / DDPM Eq. 14, E ‖ε − ε_θ(z_t, t, τ_θ(y))‖², with caption dropout."""
+        LDM Eq. 3 / DDPM Eq. 14, E ‖ε − ε_θ(z_t, t, τ_θ(y))‖², with caption dropout."""
         ids, mask = self.drop_captions(ids, mask, generator)
         context = self.text_encoder(ids, mask)                             # (B, L, d)
         cfg = self.diffusion_cfg

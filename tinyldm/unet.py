@@ -1,9 +1,9 @@
 """The LDM U-Net ε_θ(z_t, t, τ(y)) with timestep embedding, ResBlocks and cross-attention.
 
-Rombach et al. 2022 ("LDM") condition the denoiser on a caption by cross-attention
-(LDM Eq. 3): the image features φ(z_t) ask the queries, the text features τ(y) give the keys
-and values. The layout follows CompVis `openaimodel.py` + `attention.py`, cut to the parts LDM
-uses:
+Rombach et al. 2022 ("LDM") condition the denoiser on a caption by cross-attention (LDM
+Sec. 3.3, an unnumbered formula; LDM Eq. 3 is the conditional loss it is trained with): the image
+features φ(z_t) ask the queries, the text features τ(y) give the keys and values. The layout
+follows CompVis `openaimodel.py` + `attention.py`, cut to the parts LDM uses:
 
     x ─conv_in─► [ResBlock (+SpatialTransformer)]×n, Downsample ─► ... ─► middle ─► ...
       ... ─► [concat skip, ResBlock (+SpatialTransformer)]×(n+1), Upsample ─► GN, SiLU, conv_out
@@ -105,7 +105,7 @@ def attention(q, k, v, mask=None, fused=False):
 class Attention(nn.Module):
     """Multi-head attention: self-attention when context is None, cross-attention otherwise.
 
-    LDM Eq. 3: Q = W_Q·φ(z_t), K = W_K·τ(y), V = W_V·τ(y). The flag `fused` is read at every
+    LDM Sec. 3.3 (unnumbered): Q = W_Q·φ(z_t), K = W_K·τ(y), V = W_V·τ(y). The flag `fused` is read at every
     forward call (UNet.set_fused_attention flips it). With `keep_weights` True (UNet.keep_attention_weights
     sets it), each call also stores its softmax weights in `self.weights`, (B, heads, N, L), for plots.
     """
@@ -125,14 +125,14 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None, mask=None):
         """x (B, N, C), context (B, L, context_dim) or None, mask (B, L) bool or None -> (B, N, C)."""
-        # BEGIN ASSIGNMENT 5: LDM Eq. 3 with heads; `attention` does the rest
+        # BEGIN ASSIGNMENT 5: LDM Sec. 3.3 attention with heads; `attention` does the rest
         B, N, C = x.shape
         c = x if context is None else context
         L = c.shape[1]
         d = C // self.heads
-        q = self.to_q(x).view(B, N, self.heads, d).transpose(1, 2)  # LDM Eq. 3: Q = W_Q·φ(z_t), (B, heads, N, d)
-        k = self.to_k(c).view(B, L, self.heads, d).transpose(1, 2)  # LDM Eq. 3: K = W_K·τ(y), (B, heads, L, d)
-        v = self.to_v(c).view(B, L, self.heads, d).transpose(1, 2)  # LDM Eq. 3: V = W_V·τ(y), (B, heads, L, d)
+        q = self.to_q(x).view(B, N, self.heads, d).transpose(1, 2)  # LDM Sec. 3.3: Q = W_Q·φ(z_t), (B, heads, N, d)
+        k = self.to_k(c).view(B, L, self.heads, d).transpose(1, 2)  # LDM Sec. 3.3: K = W_K·τ(y), (B, heads, L, d)
+        v = self.to_v(c).view(B, L, self.heads, d).transpose(1, 2)  # LDM Sec. 3.3: V = W_V·τ(y), (B, heads, L, d)
         if self.keep_weights:
             self.weights = attention_weights(q, k, mask).detach()  # (B, heads, N, L), kept for plots
         out = attention(q, k, v, mask=mask, fused=self.fused)  # (B, heads, N, d)
@@ -169,7 +169,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, context, mask=None):
         x = x + self.self_attn(self.norm1(x))  # pixels attend to pixels
-        x = x + self.cross_attn(self.norm2(x), context, mask)  # LDM Eq. 3: pixels attend to the caption
+        x = x + self.cross_attn(self.norm2(x), context, mask)  # LDM Sec. 3.3: pixels attend to the caption
         x = x + self.ff(self.norm3(x))
         return x
 
