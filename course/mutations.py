@@ -19,7 +19,13 @@ How it runs, in one process:
   3. run the assignment's tests (tests/ and tests/hidden/, `--assignment N`) with pytest.main and
      `-x`: a wrong mutant needs only one failure;
   4. put the original code back.
-One pytest start-up for the whole list, instead of one subprocess (~3 s) per mutant.
+One pytest start-up for the whole list, instead of one subprocess (~3 s) per mutant; with gc.freeze()
+(pytest calls gc.collect() after each run, slow over torch's many objects) a run costs ~0.1 s.
+
+To add a mutant: append wrong(N, "Class.method", "short-name", "the mistake in one line", body) or
+equivalent(...) to MUTANTS; the body is the region's whole new code, using only what the region may
+read (its function's arguments and locals before the region, `self`'s buffers, the module's names)
+and defining or returning what the region does.
 """
 
 import ast
@@ -356,6 +362,8 @@ MUTANTS = (
           ddim(sigma="eta**2 * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()")),
     wrong(3, DI, "ddim-prev-of-t", "ᾱ_prev = ᾱ_{t−1} whatever t_prev is: right only on consecutive steps",
           ddim(prev="alpha_bar_prev = self._gather(self.alpha_bars_prev, t, x_t)")),
+    wrong(3, DI, "ddim-prev-is-alpha-bar-t", "ᾱ_t used for ᾱ_prev: the step stays at the noise level of t",
+          ddim(prev="alpha_bar_prev = alpha_bar")),
     wrong(3, DI, "ddim-minus-one-not-handled", "ᾱ_prev = alpha_bars[t_prev]: t_prev = −1 is an error or ᾱ_{T−1}",
           ddim(prev="alpha_bar_prev = self._gather(self.alpha_bars, t_prev, x_t)")),
     wrong(3, DI, "ddim-crash-on-int-t-prev", "t_prev handled as a tensor only (t_prev.clamp): crashes on an int",
@@ -540,6 +548,13 @@ MUTANTS = (
               logits = logits.masked_fill(mask[:, None, None, :], float("-inf"))
           return logits.softmax(dim=-1)
           """),
+    wrong(5, AW, "attention-mask-on-queries", "the mask applied to the query rows instead of the key columns",
+          """
+          logits = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])
+          if mask is not None:
+              logits = logits.masked_fill(~mask[:, None, :, None], float("-inf"))
+          return logits.softmax(dim=-1)
+          """),
     wrong(5, AW, "attention-mask-to-zero", "masked logits set to 0 instead of −∞: padding keeps weight",
           """
           logits = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])
@@ -600,7 +615,8 @@ MUTANTS = (
     wrong(5, AF, "attention-mask-dropped", "the padding mask not passed on to `attention`",
           module_attention(merge=MERGE.replace("attention(q, k, v, mask=mask, fused=self.fused)",
                                                "attention(q, k, v, fused=self.fused)"))),
-    equivalent(5, AF, "heads-by-unflatten-permute", "heads split with unflatten + permute, merged with permute + flatten",
+    equivalent(5, AF, "heads-by-unflatten-permute",
+               "heads split with unflatten + permute, merged with permute + flatten",
                module_attention(split="""
                B, N, C = x.shape
                c = x if context is None else context
@@ -662,7 +678,8 @@ MUTANTS = (
 
     # --- 7: the text encoder -------------------------------------------------------------------
     wrong(7, SA, "text-mask-ignored", "[PAD] keys not masked", text_attention(masked="logits")),
-    wrong(7, SA, "text-no-scale", "softmax(QKᵀ) without 1/√d", text_attention(logits="(q @ k.transpose(-2, -1)).float()")),
+    wrong(7, SA, "text-no-scale", "softmax(QKᵀ) without 1/√d",
+          text_attention(logits="(q @ k.transpose(-2, -1)).float()")),
     wrong(7, SA, "text-softmax-over-queries", "softmax over the queries (dim −2)",
           text_attention(softmax="logits.softmax(dim=-2)")),
     wrong(7, SA, "text-mask-on-queries", "the mask applied to the query rows instead of the key columns",
@@ -907,8 +924,8 @@ def run_assignment_tests(number, stop_at_first=True):
     random.seed(0)
     torch.manual_seed(0)  # the same global random state for every run, whatever ran before
     outcomes = _Outcomes()
-    args = [*assignment_test_files(number), "-m", "assignment", "--assignment", str(number), "-q", "-p", "no:cacheprovider",
-            "--tb=line", "--rootdir", str(ROOT), *(["-x"] if stop_at_first else [])]
+    args = [*assignment_test_files(number), "-m", "assignment", "--assignment", str(number), "-q",
+            "-p", "no:cacheprovider", "--tb=line", "--rootdir", str(ROOT), *(["-x"] if stop_at_first else [])]
     with contextlib.redirect_stdout(io.StringIO()) as out:
         code = pytest.main(args, plugins=[outcomes])
     if outcomes.failed:
@@ -936,8 +953,8 @@ def check(only=None):
             try:
                 with swapped(mutant) if mutant else contextlib.nullcontext():
                     got, test, message = run_assignment_tests(number, stop_at_first=expect != EQUIVALENT)
-            except (ValueError, SyntaxError) as e:  # the mutant does not compile or fit its function
-                got, test, message = "error", "", str(e)
+            except Exception as e:  # the mutant does not compile, or does not fit its function
+                got, test, message = "error", "", f"{type(e).__name__}: {e}"
             ok = got == "failed" if expect == WRONG else got == "passed"
             rows.append({"number": number, "mutant": name, "function": mutant.function if mutant else "",
                          "expect": expect, "got": got, "test": test if got != "passed" else "", "message": message,
@@ -963,7 +980,8 @@ def summary(rows):
     reference = [r for r in rows if r["expect"] == "pass"]
     return (f"{sum(r['ok'] for r in wrong_rows)}/{len(wrong_rows)} wrong mutants fail their assignment, "
             f"{sum(r['ok'] for r in same_rows)}/{len(same_rows)} equivalent ones pass, "
-            f"reference passes {sum(r['ok'] for r in reference)}/{len(reference)} assignments")
+            f"reference passes {sum(r['ok'] for r in reference)}/{len(reference)} assignments "
+            f"({sum(r['seconds'] for r in rows):.0f} s)")
 
 
 def command(args):

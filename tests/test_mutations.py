@@ -15,8 +15,8 @@ import torch
 
 import tinyldm.diffusion as diffusion
 from course.assignments import NUMBERS, ROOT, project_regions
-from course.mutations import (EQUIVALENT, MUTANTS, WRONG, assignment_test_files, mutated_code, region_of, swapped,
-                              target_function)
+from course.mutations import (EQUIVALENT, MUTANTS, WRONG, assignment_test_files, mutated_code, region_of, summary,
+                              swapped, target_function)
 
 BY_NAME = {m.name: m for m in MUTANTS}
 
@@ -64,12 +64,13 @@ def test_swap_reaches_every_caller_and_is_undone():
     def observe():
         steps.clear()
         diffusion.ddpm_sample(eps_fn, schedule, (1, 2), generator=torch.Generator().manual_seed(0))
-        return (diffusion.classifier_free_guidance(c, u, 2.0)[0].item(), round(schedule.q_sample(x0, 0, eps)[0, 0].item(), 3),
-                list(steps))
+        return (diffusion.classifier_free_guidance(c, u, 2.0)[0].item(),
+                round(schedule.q_sample(x0, 0, eps)[0, 0].item(), 3), list(steps))
 
     reference = (2.0, 1.0, [4, 3, 2, 1, 0])
     assert observe() == reference
-    with swapped(BY_NAME["cfg-swapped"]), swapped(BY_NAME["q-sample-swapped"]), swapped(BY_NAME["ddpm-sample-skips-t0"]):
+    with (swapped(BY_NAME["cfg-swapped"]), swapped(BY_NAME["q-sample-swapped"]),
+          swapped(BY_NAME["ddpm-sample-skips-t0"])):
         assert observe() == (-1.0, 0.01, [4, 3, 2, 1])  # ε_c + 2·(ε_u − ε_c); √(1−ᾱ_0)·x0; no t = 0
     assert observe() == reference
     with pytest.raises(ZeroDivisionError), swapped(BY_NAME["cfg-swapped"]):
@@ -79,18 +80,20 @@ def test_swap_reaches_every_caller_and_is_undone():
 
 @pytest.fixture(scope="module")
 def rows():
-    """`python -m course mutants --json`: one row per run (the reference and each mutant, per assignment)."""
+    """`python -m course mutants --json`, half of the assignments in each of two processes at once (CI has
+    two cores): {(assignment, mutant): row}, the reference's row under the name "reference"."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "course", "mutants", "--json"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    try:
-        result = json.loads(done.stdout)
-    except json.JSONDecodeError:
-        pytest.fail(f"the mutation check did not finish (exit {done.returncode}):\n{done.stdout[-2000:]}"
-                    f"{done.stderr[-3000:]}")
-    from course.mutations import summary
-
-    print(summary(result))  # the counts, shown with -s / -rA
+    procs = [subprocess.Popen([sys.executable, "-m", "course", "mutants", "--json", "--only", *map(str, part)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for part in (NUMBERS[0::2], NUMBERS[1::2])]
+    result = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        try:
+            result += json.loads(out)
+        except json.JSONDecodeError:
+            pytest.fail(f"the mutation check did not finish (exit {proc.returncode}):\n{out[-2000:]}{err[-3000:]}")
+    print(summary(result))  # the counts, shown with -s or -rA
     return {(r["number"], r["mutant"]): r for r in result}
 
 
@@ -108,6 +111,8 @@ def test_wrong_mutant_fails_its_assignment(rows, name):
     row = rows[(m.number, name)]
     assert row["got"] == "failed", (f"assignment {m.number}'s tests let this mistake through: {m.why} "
                                     f"({row['got']} {row['test']} {row['message']})")
+    # a failure must come from the mistake, not from a mutant that cannot run at all
+    assert not row["message"].startswith(("NameError", "UnboundLocalError", "SyntaxError")), row["message"]
 
 
 @pytest.mark.parametrize("name", [m.name for m in MUTANTS if m.expect == EQUIVALENT])
@@ -116,3 +121,12 @@ def test_equivalent_mutant_passes_its_assignment(rows, name):
     row = rows[(m.number, name)]
     assert row["got"] == "passed", (f"a right answer fails assignment {m.number}: {m.why}; "
                                     f"{row['test']}: {row['message']}")
+
+
+def test_command_rejects_an_unknown_assignment(capsys):
+    """`python -m course mutants --only 9` stops with one line naming the known assignments."""
+    from course.__main__ import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["mutants", "--only", "9"])
+    assert str(stop.value) == f"error: unknown assignment(s) [9]; the assignments are {NUMBERS}"
