@@ -920,15 +920,18 @@ def busy_cores(seconds=0.25):
         return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
 
 
-def cpu_threads(requested):
-    """torch's CPU threads: `requested`, or with 0 the cores that other processes leave free (at least 1).
+def cpu_threads(requested, processes=1):
+    """torch's CPU threads: `requested`, or with 0 the cores that other processes leave free (at least 1),
+    shared among this machine's `processes` training processes (torchrun's LOCAL_WORLD_SIZE): they start
+    together, so each sees every core free.
     torch's default, one thread per core, spin-waits when another process holds a core: on this project's
     2-core machine with one other process spinning, the tiny preset (60 + 60 steps) took 190 s with 2
     threads and 29 s with 1; idle, 19 s with 2 and 29 s with 1 (README)."""
     if requested:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, cores - int(busy_cores() + 0.25)))  # a core counts as taken when >= 75 % busy
+    free = min(cores, cores - int(busy_cores() + 0.25))  # a core counts as taken when >= 75 % busy
+    return max(1, free // processes)
 
 
 def main(argv=None):
@@ -946,7 +949,8 @@ def main(argv=None):
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cpu" and (cfg.threads or from_command_line):  # process-wide: only when asked, or ours
-        torch.set_num_threads(cpu_threads(cfg.threads))  # (other thread counts may change the last bits)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # processes on this machine (torchrun)
+        torch.set_num_threads(cpu_threads(cfg.threads, local))  # (other thread counts may change the last bits)
     torch.manual_seed(cfg.seed)  # the initial weights (identical on every rank)
 
     # 2. the run folder: a checkpoint to continue from, or a clear error, before any work

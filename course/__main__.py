@@ -1,7 +1,12 @@
-"""Command line: `python -m course make OUT_DIR` writes a starter kit, `python -m course grade [DIR]` grades one.
+"""Command line: `python -m course make OUT_DIR` writes a starter kit, `python -m course grade SUBMISSION`
+grades one with the instructor's tests (this repository's, or --tests INSTRUCTOR_PROJECT).
 
-  python -m course make ../starter              # every assignment removed; or --only 3 5
-  python -m course grade ../starter             # a score table; --only N, --json for autograders
+  python -m course make ../starter                        # every assignment removed; or --only 3 5
+  python -m course grade ../alice                         # a score table; --only N, --json for autograders
+  python -m course grade ../alice --tests ../instructor   # the tests (tests/hidden/ too) of another copy
+
+Only the code between the assignment markers of SUBMISSION is graded; its tests, conftest.py and
+pytest.ini are never run. Grading runs the student's code: sandbox it (course/assignments.py says how).
 """
 
 import argparse
@@ -9,7 +14,7 @@ import json
 from pathlib import Path
 
 from course import mutations
-from course.assignments import NUMBERS, grade, make, print_table
+from course.assignments import NUMBERS, ROOT, MarkerError, grade, make, print_table
 
 
 def make_command(args):
@@ -23,13 +28,13 @@ def make_command(args):
 
 
 def grade_command(args):
-    """Grade a project, print the table (or JSON); exit 0 only when every graded test passes."""
+    """Grade a submission, print the table (or JSON); exit 0 only when every graded test passes."""
     unknown = sorted(set(args.only or ()) - set(NUMBERS))
     if unknown:
         raise SystemExit(f"error: unknown assignment(s) {unknown}; the assignments are {NUMBERS}")
     try:
-        result = grade(args.project_dir, args.only)
-    except FileNotFoundError as e:
+        result = grade(args.submission, args.only, tests=args.tests)
+    except (FileNotFoundError, MarkerError, RuntimeError) as e:  # RuntimeError: pytest did not start
         raise SystemExit(f"error: {e}")
     if args.json:
         print(json.dumps(result, indent=2))
@@ -48,8 +53,12 @@ def main(argv=None):
     p.add_argument("--only", type=int, nargs="+", metavar="N", help="remove only these assignments (default: all)")
     p.set_defaults(run_command=make_command)
 
-    p = commands.add_parser("grade", help="run each assignment's tests and print a score table")
-    p.add_argument("project_dir", nargs="?", default=".", help="the project to grade (default: .)")
+    p = commands.add_parser("grade", help="grade a submission with the instructor's tests; print a score table")
+    p.add_argument("submission", nargs="?", default=".",
+                   help="the student's copy of the project; only its assignment regions are used (default: .)")
+    p.add_argument("--tests", default=str(ROOT), metavar="INSTRUCTOR_PROJECT",
+                   help="the project whose tests (tests/hidden/ too), conftest.py and pytest.ini grade it "
+                        "(default: this repository)")
     p.add_argument("--only", type=int, nargs="+", metavar="N", help="grade only these assignments")
     p.add_argument("--json", action="store_true", help="print the results as JSON (for autograders)")
     p.set_defaults(run_command=grade_command)

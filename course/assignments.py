@@ -10,16 +10,36 @@ comments that name the assignment:
         # END ASSIGNMENT 1
 
 `python -m course make OUT_DIR [--only N ...]` copies the project to OUT_DIR with the code between
-the markers replaced by `raise NotImplementedError("Assignment N: ...")`, and writes
-OUT_DIR/HANDOUT.md. Each test that grades an assignment carries `@pytest.mark.assignment(N)`;
-`python -m course grade [DIR] [--only N ...] [--json]` runs those tests and prints a score table.
-The tests without the marker check the project as a whole (training, the notebooks): they need
-every assignment done, so they are not graded.
+the markers replaced by `raise NotImplementedError("Assignment N: ...")`, leaves the hidden tests
+(tests/hidden/) out, and writes OUT_DIR/HANDOUT.md. Each test that grades an assignment carries
+`@pytest.mark.assignment(N)`; the tests without the marker check the project as a whole (training,
+the notebooks): they need every assignment done, so they are not graded.
+
+`python -m course grade SUBMISSION [--tests INSTRUCTOR_PROJECT] [--only N ...] [--json]` grades with
+the instructor's tests, never the submission's:
+  1. a fresh temporary tree is made from INSTRUCTOR_PROJECT (default: this repository): its tinyldm/,
+     tests/ with tests/hidden/, conftest.py, pytest.ini and every other file;
+  2. into it goes only the code between the markers of SUBMISSION's marked files (the tinyldm/*.py
+     files with regions), region by region; everything else the submission holds (its tests/,
+     conftest.py, pytest.ini, new files, code outside the markers) is not read, and where its code
+     outside the markers differs from the instructor's the result says so (the grade uses the
+     instructor's);
+  3. pytest runs there on the instructor's test files that carry the marker (tests/ and tests/hidden/),
+     with the instructor's pytest.ini, plugin autoload off, no cache and PYTEST_* variables unset.
+
+Trust model: grading runs the student's code, and that code can do anything the grading user can:
+read the hidden tests, patch pytest when it is imported, rewrite the report, open the network.
+Step 2 stops the honest mistakes and the cheap tricks (a conftest hook that turns failures into
+passes has no effect), not a determined attacker. Grade untrusted submissions in a sandbox: a
+container with no network, the instructor's project mounted read-only, run as a separate user
+with nothing else to read, and a time limit. Even there the student's code runs beside the hidden
+tests and writes the failure messages: to keep those tests hidden, show students scores only.
 
 This is tooling for the repository (it reads tests/ and copies the whole tree), so it lives
 beside the package, not in it.
 """
 
+import difflib
 import os
 import re
 import shutil
@@ -33,77 +53,120 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]  # the repository root (course/..)
 BEGIN = re.compile(r"^(\s*)# BEGIN ASSIGNMENT (\d+)\b(.*)$")
 END = re.compile(r"^(\s*)# END ASSIGNMENT (\d+)\s*$")
-# never copied into a starter kit: history (it holds the solutions), run outputs, caches
+# never copied into a starter kit or a grading tree: history (it holds the solutions), run outputs, caches
 SKIP = shutil.ignore_patterns(".git", "runs", "__pycache__", ".pytest_cache", ".ipynb_checkpoints", "*.pt",
                               "bench*.json", "eval*.json", ".venv", "*.egg-info", ".benchmarks", ".ruff_cache")
+TEST_DATA = ("*.pt", "*.json")  # ... except that files of these kinds under tests/ are the tests' data
+
+
+def copy_ignore(root, leave_out=()):
+    """An `ignore` for shutil.copytree(root, ...): SKIP, except the tests' data files, and the paths in leave_out."""
+    root, leave_out = Path(root).resolve(), {Path(p).resolve() for p in leave_out}
+
+    def ignore(folder, names):
+        folder = Path(folder).resolve()
+        skipped = set(SKIP(folder, names))
+        if folder == root / "tests" or root / "tests" in folder.parents:
+            skipped -= {n for n in skipped if (folder / n).is_file() and any(Path(n).match(p) for p in TEST_DATA)}
+        return skipped | {n for n in names if folder / n in leave_out}
+
+    return ignore
 
 
 @dataclass(frozen=True)
 class Assignment:
     number: int
     title: str
-    equations: str   # Markdown with LaTeX, for the handout
-    papers: str      # where the equations come from
-    notebook: str    # the notebook that explains it ("" if none)
+    equations: str        # Markdown with LaTeX, for the handout
+    papers: str           # where the equations come from
+    notebooks: tuple      # the notebooks that explain it: ((path, what to read there), ...)
 
 
 ASSIGNMENTS = (
     Assignment(1, "β schedules and the forward process",
-               r"linear: $\beta_t$ evenly spaced from $\beta_\text{start}$ to $\beta_\text{end}$; scaled linear: "
-               r"$\sqrt{\beta_t}$ evenly spaced; cosine: $\bar\alpha_t = f(t)/f(0)$, "
-               r"$f(t) = \cos^2\!\big(\tfrac{t/T + s}{1 + s}\cdot\tfrac{\pi}{2}\big)$, $s = 0.008$, "
-               r"$\beta_t = 1 - \bar\alpha_t/\bar\alpha_{t-1}$ clipped at 0.999. Forward process: "
-               r"$x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\varepsilon$.",
-               "Ho et al. 2020 (DDPM) Sec. 4 and Eq. 4; Nichol & Dhariwal 2021 (Improved DDPM) Eq. 17",
-               "notebooks/02_noise_schedule.ipynb"),
+               r"linear: $\beta_t$ evenly spaced from $\beta_\text{start}$ ($t = 0$) to $\beta_\text{end}$ "
+               r"($t = T-1$); scaled linear: $\sqrt{\beta_t}$ evenly spaced from $\sqrt{\beta_\text{start}}$ to "
+               r"$\sqrt{\beta_\text{end}}$; cosine, in code steps: $\bar\alpha_t = f(t+1)/f(0)$ with "
+               r"$f(u) = \cos^2\!\big(\tfrac{u/T + 0.008}{1.008}\cdot\tfrac{\pi}{2}\big)$ (the paper's offset "
+               r"$s = 0.008$, not the guidance scale), then $\beta_t = 1 - \bar\alpha_t/\bar\alpha_{t-1}$ "
+               r"($\bar\alpha_{-1} = 1$) clipped at 0.999; each schedule a float64 tensor $(T,)$. "
+               r"Forward process: $x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\varepsilon$, "
+               r"$\bar\alpha_t = \prod_{i=0}^{t}(1-\beta_i)$ (the buffer `alpha_bars`).",
+               "Ho et al. 2020 (DDPM) Sec. 4 and Eq. 4; Nichol & Dhariwal 2021 (Improved DDPM) Eq. 17 and Sec. 3.2",
+               (("notebooks/02_noise_schedule.ipynb", "the three schedules, ᾱ_t and log-SNR, q_sample's moments"),)),
     Assignment(2, "The posterior and the DDPM step",
                r"$q(x_{t-1}\mid x_t, x_0) = \mathcal N(\tilde\mu_t, \tilde\beta_t I)$ with "
-               r"$\tilde\mu_t = \frac{\sqrt{\bar\alpha_{t-1}}\beta_t}{1-\bar\alpha_t}x_0 + "
-               r"\frac{\sqrt{\alpha_t}(1-\bar\alpha_{t-1})}{1-\bar\alpha_t}x_t$, "
-               r"$\tilde\beta_t = \frac{1-\bar\alpha_{t-1}}{1-\bar\alpha_t}\beta_t$; the step "
+               r"$\tilde\mu_t = \frac{\sqrt{\bar\alpha_{t-1}}\,\beta_t}{1-\bar\alpha_t}x_0 + "
+               r"\frac{\sqrt{\alpha_t}\,(1-\bar\alpha_{t-1})}{1-\bar\alpha_t}x_t$ and "
+               r"$\tilde\beta_t = \frac{1-\bar\alpha_{t-1}}{1-\bar\alpha_t}\beta_t$, computed from the buffers "
+               r"`betas`, `alphas`, `alpha_bars`, `alpha_bars_prev` ($\bar\alpha_{t-1}$, with $\bar\alpha_{-1} = 1$) "
+               r"through `self._gather(values, t, x)`. The step: "
                r"$x_{t-1} = \tilde\mu_t(x_t, \hat x_0) + \sqrt{\tilde\beta_t}\,z$ with "
-               r"$\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\varepsilon)/\sqrt{\bar\alpha_t}$ (given: `predict_x0`).",
+               r"$\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\varepsilon)/\sqrt{\bar\alpha_t}$ (given: `predict_x0`); "
+               r"at $t = 0$, $\tilde\beta_0 = 0$, so the last step adds no noise.",
                "Ho et al. 2020 (DDPM) Eqs. 6, 7, 15 and Algorithm 2",
-               "notebooks/05_sampling_and_guidance.ipynb"),
+               (("notebooks/06_posterior_elbo_ddim.ipynb", "the posterior derived by completing the square, "
+                "checked numerically"),)),
     Assignment(3, "The DDIM step and both guidance rules",
-               r"DDIM: $x_{t'} = \sqrt{\bar\alpha_{t'}}\,\hat x_0 + \sqrt{1-\bar\alpha_{t'}-\sigma^2}\,\varepsilon"
-               r" + \sigma z$, $\sigma = \eta\sqrt{\tfrac{1-\bar\alpha_{t'}}{1-\bar\alpha_t}}"
-               r"\sqrt{1-\tfrac{\bar\alpha_t}{\bar\alpha_{t'}}}$. Classifier-free guidance: "
-               r"$\tilde\varepsilon = \varepsilon(c_u) + s\,(\varepsilon(c) - \varepsilon(c_u))$. Classifier "
-               r"guidance: $\hat\varepsilon = \varepsilon - "
-               r"\gamma\sqrt{1-\bar\alpha_t}\,\nabla_{x_t}\log p(y\mid x_t)$.",
-               "Song et al. 2021 (DDIM) Eqs. 12 and 16; Ho & Salimans 2022 (CFG) Eq. 6; "
-               "Dhariwal & Nichol 2021 (Guided) Eqs. 11 and 14",
-               "notebooks/01_guidance_from_bayes.ipynb"),
+               r"DDIM from $t$ to any earlier $t' < t$ (`t_prev`; $t' = -1$ means $\bar\alpha_{t'} = 1$, the data): "
+               r"$x_{t'} = \sqrt{\bar\alpha_{t'}}\,\hat x_0 + \sqrt{1-\bar\alpha_{t'}-\sigma^2}\,\varepsilon"
+               r" + \sigma z$ with $\hat x_0$ as in assignment 2 and $\sigma = \eta\sqrt{\tfrac{1-\bar\alpha_{t'}}"
+               r"{1-\bar\alpha_t}}\sqrt{1-\tfrac{\bar\alpha_t}{\bar\alpha_{t'}}}$; $\eta = 0$ draws no noise. "
+               r"Classifier-free guidance: $\tilde\varepsilon = \varepsilon(c_u) + s\,(\varepsilon(c) - "
+               r"\varepsilon(c_u))$ (the paper writes $(1+w)\,\varepsilon(c) - w\,\varepsilon(c_u)$: $s = 1 + w$). "
+               r"Classifier guidance: $\hat\varepsilon = \varepsilon - s\sqrt{1-\bar\alpha_t}\,"
+               r"\nabla_{x_t}\log p(y\mid x_t)$ (given: `eps_from_score`, $\varepsilon = "
+               r"-\sqrt{1-\bar\alpha_t}\,\nabla_{x_t}\log p(x_t)$).",
+               "Song et al. 2021 (DDIM) Eqs. 12 and 16 (DDIM writes α for ᾱ); Ho & Salimans 2022 (CFG) Eq. 6; "
+               "Dhariwal & Nichol 2021 (Guided) Eqs. 11 and 14 and Algorithm 2",
+               (("notebooks/06_posterior_elbo_ddim.ipynb", "DDIM derived, what η means, the ODE view"),
+                ("notebooks/01_guidance_from_bayes.ipynb", "both guidance rules from Bayes' rule"))),
     Assignment(4, "The diagonal Gaussian, its KL and the autoencoder loss",
-               r"$z = \mu + \sigma\odot\varepsilon$; $\mathrm{KL}(\mathcal N(\mu,\sigma^2)\,\|\,\mathcal N(0, I)) = "
-               r"\tfrac12\sum(\mu^2 + \sigma^2 - 1 - \log\sigma^2)$; "
-               r"$L = L_\text{rec} + w_\text{KL}\cdot\mathrm{KL}/(C H W)$ (the adversarial term is given).",
-               "Kingma & Welling 2014 (VAE) Sec. 2.4 and App. B; Rombach et al. 2022 (LDM) Eq. 25",
-               "notebooks/03_autoencoder.ipynb"),
+               r"$z = \mu + \sigma\odot\varepsilon$, $\varepsilon \sim \mathcal N(0, I)$ from the generator; "
+               r"$\mathrm{KL}(\mathcal N(\mu,\sigma^2)\,\|\,\mathcal N(0, I)) = "
+               r"\tfrac12\sum(\mu^2 + \sigma^2 - 1 - \log\sigma^2)$, summed over every dimension but the batch, "
+               r"in float32: shape $(B,)$; "
+               r"$L = L_\text{rec} + w_\text{KL}\cdot\overline{\mathrm{KL}}/(C H W)$ with $\overline{\mathrm{KL}}$ "
+               r"the batch mean (given: `kl_loss`) and $C H W$ the size of one input image "
+               r"(the adversarial term is given).",
+               "Kingma & Welling 2014 (VAE) Sec. 2.4 and App. B; Rombach et al. 2022 (LDM) App. G, Eq. 25",
+               (("notebooks/03_autoencoder.ipynb", "the diagonal Gaussian, its KL, the KL weight"),)),
     Assignment(5, "Attention and cross-attention",
-               r"$\mathrm{softmax}(QK^\top/\sqrt d)$ over the keys, padding keys at $-\infty$; "
-               r"$Q = W_Q\,\varphi(z_t)$, $K = W_K\,\tau(y)$, $V = W_V\,\tau(y)$, split into heads and merged.",
-               "Vaswani et al. 2017 (Transformer) Eq. 1 and Sec. 3.2.2; Rombach et al. 2022 (LDM) Eq. 3",
-               "notebooks/04_text_and_cross_attention.ipynb"),
+               r"$\mathrm{softmax}(QK^\top/\sqrt d)$ over the keys (the last axis), in float32, padding keys "
+               r"(mask False) at $-\infty$; $Q = W_Q\,\varphi(z_t)$, $K = W_K\,\tau(y)$, $V = W_V\,\tau(y)$ "
+               r"(self-attention when there is no context: $K$ and $V$ from $\varphi(z_t)$), split into heads "
+               r"$(B, \text{heads}, \text{tokens}, d)$ and merged back.",
+               "Vaswani et al. 2017 (Transformer) Eq. 1 and Sec. 3.2.2; Rombach et al. 2022 (LDM) Sec. 3.3, "
+               "the attention formula (unnumbered)",
+               (("notebooks/04_text_and_cross_attention.ipynb", "cross-attention, its maps per token"),)),
     Assignment(6, "Timestep embedding and the ResBlock",
-               r"$[\cos(t\omega_0), \dots, \cos(t\omega_{h-1}), \sin(t\omega_0), \dots]$, "
-               r"$\omega_i = P^{-i/h}$; ResBlock: $h = \mathrm{conv}(\mathrm{SiLU}(\mathrm{GN}(x))) + "
-               r"W\,\mathrm{SiLU}(e_t)$, out $= \mathrm{skip}(x) + \mathrm{conv}(\mathrm{SiLU}(\mathrm{GN}(h)))$.",
-               "Vaswani et al. 2017 Sec. 3.5; Ho et al. 2020 App. B; Dhariwal & Nichol 2021 Sec. 3",
-               ""),
+               r"$[\cos(t\omega_0), \dots, \cos(t\omega_{k-1}), \sin(t\omega_0), \dots, \sin(t\omega_{k-1})]$ "
+               r"with $\omega_i = P^{-i/k}$, $k = \lfloor \text{dim}/2 \rfloor$, $P$ = `max_period` (10000), and "
+               r"one zero column more when dim is odd; "
+               r"ResBlock: $h = \mathrm{conv}(\mathrm{SiLU}(\mathrm{GN}(x))) + W\,\mathrm{SiLU}(e_t)$ (one shift "
+               r"per channel), out $= \mathrm{skip}(x) + "
+               r"\mathrm{conv}(\mathrm{dropout}(\mathrm{SiLU}(\mathrm{GN}(h))))$.",
+               "Vaswani et al. 2017 Sec. 3.5; Ho et al. 2020 (DDPM) App. B; Dhariwal & Nichol 2021 (Guided) Sec. 3",
+               (("notebooks/07_unet_and_training_run.ipynb", "the U-Net, the timestep embedding and the ResBlocks, "
+                "with the shapes at every level"),)),
     Assignment(7, "The text encoder",
-               r"pre-LN blocks $x \leftarrow x + \mathrm{Attn}(\mathrm{LN}(x))$, "
-               r"$x \leftarrow x + \mathrm{MLP}(\mathrm{LN}(x))$ over token plus position embeddings; "
-               r"self-attention never attends to [PAD].",
-               "Vaswani et al. 2017; Radford et al. 2019 (GPT-2, pre-LN)",
-               "notebooks/04_text_and_cross_attention.ipynb"),
+               r"token plus position embeddings, then pre-LN blocks $x \leftarrow x + \mathrm{Attn}(\mathrm{LN}(x))$, "
+               r"$x \leftarrow x + \mathrm{MLP}(\mathrm{LN}(x))$, then a final LayerNorm; multi-head "
+               r"self-attention $\mathrm{softmax}(QK^\top/\sqrt d)\,V$ that never attends to [PAD] keys.",
+               "Vaswani et al. 2017 (Transformer) Eq. 1 and Sec. 3.2.2; Radford et al. 2019 (GPT-2) Sec. 2.3 "
+               "(pre-LN and the final LayerNorm)",
+               (("notebooks/04_text_and_cross_attention.ipynb", "the tokenizer and the text encoder's context"),)),
     Assignment(8, "The training loss and the sampling loops",
                r"$L_\text{simple} = \mathbb E_{t, x_0, \varepsilon}\|\varepsilon - "
-               r"\varepsilon_\theta(x_t, t, c)\|^2$, $t\sim\mathcal U\{0..T-1\}$ (or the v target); DDPM "
-               r"Algorithm 2 over $t = T-1 \dots 0$; DDIM over `ddim_timesteps` with $t' = -1$ last.",
-               "Ho et al. 2020 (DDPM) Eq. 14 and Algorithms 1-2; Song et al. 2021 (DDIM) Sec. 4.2",
-               "notebooks/05_sampling_and_guidance.ipynb"),
+               r"\varepsilon_\theta(x_t, t, c)\|^2$ with $t\sim\mathcal U\{0, \dots, T-1\}$ a $(B,)$ LongTensor "
+               r"(given: `draw_t_and_eps`), or the target $v = \sqrt{\bar\alpha_t}\,\varepsilon - "
+               r"\sqrt{1-\bar\alpha_t}\,x_0$; DDPM Algorithm 2 over $t = T-1, \dots, 0$ (python ints); DDIM over "
+               r"`ddim_timesteps` with $t' = -1$ after the last; the callback before each step.",
+               "Ho et al. 2020 (DDPM) Eq. 14 and Algorithms 1-2; Song et al. 2021 (DDIM) Sec. 4.2; "
+               "Salimans & Ho 2022 (v-prediction) Sec. 4",
+               (("notebooks/06_posterior_elbo_ddim.ipynb", "the ELBO and how it reduces to the simple ε loss, "
+                "v-prediction"),
+                ("notebooks/05_sampling_and_guidance.ipynb", "the sampling loops, DDPM against DDIM"))),
 )
 NUMBERS = tuple(a.number for a in ASSIGNMENTS)
 
@@ -182,9 +245,14 @@ def strip_regions(text, numbers, path="<string>"):
     lines = text.splitlines(keepends=True)
     for r in reversed(find_regions(text, path)):  # from the bottom, so line numbers stay valid
         if r.number in numbers:
-            message = f"Assignment {r.number}: write {r.function} (see HANDOUT.md)"
-            lines[r.begin:r.end - 1] = [f'{r.indent}raise NotImplementedError("{message}")\n']
+            lines[r.begin:r.end - 1] = [_raise_line(r)]
     return "".join(lines)
+
+
+def _raise_line(region):
+    """The line that stands for a region not written: a raise naming the assignment and the function."""
+    message = f"Assignment {region.number}: write {region.function} (see HANDOUT.md)"
+    return f'{region.indent}raise NotImplementedError("{message}")\n'
 
 
 def region_id(region):
@@ -237,9 +305,12 @@ class RegionTracer:
 # ----------------------------------------------------------------------------------------------
 # make: the starter kit and its handout
 
+HIDDEN = Path("tests") / "hidden"  # the instructor's hidden tests: graded, never copied into a starter
+
 
 def make(out_dir, only=None, root=ROOT):
-    """Copy the project to out_dir without the regions of `only` (default: all); write HANDOUT.md."""
+    """Copy the project to out_dir without the regions of `only` (default: all) and without tests/hidden/;
+    write HANDOUT.md."""
     root, out_dir = Path(root).resolve(), Path(out_dir).resolve()
     only = sorted(set(only or NUMBERS))
     unknown = sorted(set(only) - set(NUMBERS))
@@ -249,10 +320,7 @@ def make(out_dir, only=None, root=ROOT):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose a new folder")
     regions = project_regions(root)
 
-    def ignore(folder, names):
-        skipped = set(SKIP(folder, names))
-        return skipped | {n for n in names if (Path(folder) / n).resolve() == out_dir}  # never copy into itself
-
+    ignore = copy_ignore(root, leave_out=(root / HIDDEN, out_dir))  # never the hidden tests; never into itself
     shutil.copytree(root, out_dir, ignore=ignore, dirs_exist_ok=True)
     for path in sorted({r.path for r in regions if r.number in only}):
         (out_dir / path).write_text(strip_regions((root / path).read_text(), only, path))
@@ -261,51 +329,181 @@ def make(out_dir, only=None, root=ROOT):
     return [r for r in regions if r.number in only]
 
 
+CONVENTIONS = r"""## Conventions (every assignment)
+
+1. **Steps.** Code steps are $t = 0, \dots, T-1$; code step $t$ is the paper's step $t+1$ (the papers
+   count $1, \dots, T$). So `betas[t]` is the paper's $\beta_{t+1}$, and a formula written with paper
+   steps shifts by one: the cosine schedule's $\bar\alpha_t = f(t)/f(0)$ becomes $f(t+1)/f(0)$ in code
+   steps. Code $t = T-1$ is the noisiest step, code $t = 0$ the last denoising step. The maths below is
+   written in code steps.
+2. **$\bar\alpha_{-1} = 1$.** `alpha_bars_prev[t]` is $\bar\alpha_{t-1}$, and `alpha_bars_prev[0]` is 1:
+   "step $-1$" is the data itself. A DDIM step to `t_prev = -1` lands on $\hat x_0$.
+3. **Ints or tensors.** `t` and `t_prev` are python ints in the samplers (one step for the whole
+   batch) and `(B,)` LongTensors in training (one step per example). The schedule's methods take both:
+   `self._gather(values, t, x)` gives `values[t]` shaped to broadcast against `x`, `(1, ..., 1)` for an
+   int and `(B, 1, ..., 1)` for a tensor. Your code must work with both.
+4. **Notation.** $\alpha_t = 1 - \beta_t$ and $\bar\alpha_t = \prod_{i \le t} \alpha_i$ as in DDPM (DDIM writes
+   $\alpha$ for $\bar\alpha$); the guidance scale is $s$ for both guidance rules ($s = 1$: no guidance
+   for CFG); $\eta$ is DDIM's noise level; $\varepsilon(c)$ and $\varepsilon(c_u)$ are the noise
+   predictions with the prompt and with the empty prompt.
+5. **Only the regions are graded.** Write everything between `# BEGIN ASSIGNMENT N` and
+   `# END ASSIGNMENT N`. The grader takes the code between the markers and nothing else: code you
+   change or add outside them (a helper function, an edited test) is not used, and it may grade with
+   tests that are not in this kit.
+"""
+
+
 def handout(regions, only):
-    """The students' handout (Markdown): per assignment what to write, the maths, where to read, how to grade."""
+    """The students' handout (Markdown): the conventions, then per assignment what to write, the maths,
+    where to read and how to grade."""
     out = ["# tinyldm: assignments", "",
            "Each assignment is a set of marked regions in `tinyldm/` that raise `NotImplementedError`.",
            "Write the code between `# BEGIN ASSIGNMENT N` and `# END ASSIGNMENT N`; the docstrings and",
            "comments around each region say what goes in and what comes out. Grade yourself with",
            "`python -m course grade` (all) or `--only N`; the same tests run with",
-           "`python -m pytest --assignment N`. The other tests (training, notebooks) need every assignment.", ""]
+           "`python -m pytest --assignment N`. The other tests (training, notebooks) need every assignment.", "",
+           CONVENTIONS]
     for a in ASSIGNMENTS:
         if a.number not in only:
             continue
         out += [f"## Assignment {a.number}: {a.title}", "", "Write:", ""]
         out += [f"- `{r.path}`: `{r.function}` (line {r.begin}){f', {r.note}' if r.note else ''}"
                 for r in regions if r.number == a.number]
-        out += ["", f"The maths: {a.equations}", "", f"Read: {a.papers}."]
-        if a.notebook:
-            out += [f"The notebook that explains it: `{a.notebook}`."]
+        out += ["", f"The maths: {a.equations}", "", f"Read: {a.papers}.", ""]
+        out += ["The notebooks that explain it:" if len(a.notebooks) > 1 else "The notebook that explains it:", ""]
+        out += [f"- `{path}`: {what}" for path, what in a.notebooks]
         out += ["", f"Grade it: `python -m course grade --only {a.number}`", ""]
     return "\n".join(out)
 
 
 # ----------------------------------------------------------------------------------------------
-# grade: run the marked tests, score each assignment
+# grade: the instructor's tests on the submission's regions, each assignment scored
 
 
-def grade(project_dir=ROOT, only=None, pytest_args=(), timeout=1800):
-    """Run the tests of the assignments in `only` (default: all) in project_dir; a dict of results."""
-    project_dir = Path(project_dir).resolve()
-    if not (project_dir / "tests").is_dir():  # checked here: pytest would run elsewhere, or not start
-        raise FileNotFoundError(f"{project_dir} is not a project to grade: "
-                                f"{'it has no tests/ folder' if project_dir.is_dir() else 'no such folder'}")
+def _skeleton(text, path):
+    """text with every region's code removed (markers kept): the code outside the regions."""
+    lines = text.splitlines()
+    for r in reversed(find_regions(text, path)):
+        del lines[r.begin:r.end - 1]
+    return lines
+
+
+def splice(reference, submitted, path="<string>"):
+    """The reference file with each region's code taken from the submitted file, and notes (one line each)
+    on what of the submission is not used.
+
+    Regions are matched by (assignment, function), in order. A region the submission lacks, or every
+    region of a file whose markers are broken, is graded as not written (the starter's raise). The code
+    outside the regions is always the reference's: a note says where the submission's differs.
+    """
+    # 1. the submission's regions; broken markers count as no regions at all
+    notes = []
+    try:
+        theirs = find_regions(submitted, path)
+    except MarkerError as e:
+        theirs = None
+        notes.append(f"{e}; every region of {path} is graded as not written")
+    # 2. the code outside the regions: compared, never used
+    if theirs is not None:
+        matcher = difflib.SequenceMatcher(None, _skeleton(reference, path), _skeleton(submitted, path),
+                                          autojunk=False)
+        changed = sum(max(i2 - i1, j2 - j1) for op, i1, i2, j1, j2 in matcher.get_opcodes() if op != "equal")
+        if changed:
+            notes.append(f"{path}: {changed} changed line(s) outside the assignment regions; "
+                         "the grade uses the instructor's code there")
+    # 3. for each of the reference's regions, the submission's code of the same (assignment, function)
+    by_key = {}
+    for r in theirs or ():
+        by_key.setdefault((r.number, r.function), []).append(r)
+    submitted_lines, seen, bodies = submitted.splitlines(keepends=True), {}, []
+    ours = find_regions(reference, path)
+    for r in ours:
+        key = (r.number, r.function)
+        k = seen[key] = seen.get(key, -1) + 1  # the k-th region of this key in the file
+        if k < len(by_key.get(key, ())):
+            bodies.append(submitted_lines[by_key[key][k].begin:by_key[key][k].end - 1])
+        else:
+            bodies.append([_raise_line(r)])
+            if theirs is not None:
+                notes.append(f"{path}: no region of assignment {r.number} in {r.function}; graded as not written")
+    # 4. the reference with those bodies between its markers
+    lines = reference.splitlines(keepends=True)
+    for r, body in reversed(list(zip(ours, bodies))):  # from the bottom, so line numbers stay valid
+        lines[r.begin:r.end - 1] = body
+    return "".join(lines), notes
+
+
+def assemble(submission, instructor, dest):
+    """Write the tree grading runs in: a copy of the instructor's project with the code of the submission's
+    regions spliced into its marked files. Returns the notes on what of the submission is not used."""
+    submission, instructor = Path(submission).resolve(), Path(instructor).resolve()
+    regions = project_regions(instructor)
+    inside = () if submission == instructor else (submission,)  # a submission kept in the instructor's tree
+    shutil.copytree(instructor, dest, ignore=copy_ignore(instructor, leave_out=inside))
+    notes = []
+    for path in sorted({r.path for r in regions}):
+        if not (submission / path).is_file():
+            raise FileNotFoundError(f"{submission} is not a submission of this project: it has no {path}")
+        text, file_notes = splice((instructor / path).read_text(), (submission / path).read_text(), path)
+        (Path(dest) / path).write_text(text)
+        notes += file_notes
+    marked = {r.path for r in regions}
+    for file in sorted((submission / "tinyldm").glob("*.py")):  # the package's other files are not used
+        path = str(file.relative_to(submission))
+        if path not in marked and (not (instructor / path).is_file()
+                                   or (instructor / path).read_bytes() != file.read_bytes()):
+            notes.append(f"{path}: differs from the instructor's (no assignment regions); not used")
+    return notes
+
+
+def graded_test_files(project_dir):
+    """The test files of project_dir (tests/ and its subfolders, tests/hidden/ too) that mark assignment tests;
+    collecting the others (training, notebooks) is slow."""
+    project_dir = Path(project_dir)
+    return [str(f.relative_to(project_dir)) for f in sorted((project_dir / "tests").rglob("test_*.py"))
+            if "mark.assignment(" in f.read_text()]
+
+
+def _check_project(folder, role):
+    if not (folder / "tests").is_dir() or not (folder / "tinyldm").is_dir():
+        what = "no such folder" if not folder.is_dir() else "it has no tests/ or no tinyldm/ folder"
+        raise FileNotFoundError(f"{folder} is not {role}: {what}")
+
+
+def grade(submission=ROOT, only=None, tests=ROOT, pytest_args=(), timeout=1800):
+    """Grade the regions of `submission` with the tests of the instructor's project `tests` (default: this
+    repository) for the assignments in `only` (default: all), as the module docstring says.
+
+    Returns {"assignments": [{"number", "title", "tests": [{"test", "outcome", "message"}], "total",
+    "passed"}], "passed", "total", "collection_errors", "notes" (what of the submission was not used),
+    "submission", "tests_from"}.
+    """
+    submission, tests = Path(submission).resolve(), Path(tests).resolve()
+    _check_project(tests, "an instructor's project to grade with")
+    if not submission.is_dir():
+        raise FileNotFoundError(f"{submission} is not a submission: no such folder")
     only = sorted(set(only or NUMBERS))
-    with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "report.xml"
-        # only the test files that mention the marker: collecting the others (training, notebooks) is slow
-        files = [str(f.relative_to(project_dir)) for f in sorted((project_dir / "tests").glob("test_*.py"))
-                 if "mark.assignment(" in f.read_text()]
-        command = [sys.executable, "-m", "pytest", *files, "-m", "assignment", "-q", "-p", "no:cacheprovider",
-                   f"--junitxml={report}", "-o", "junit_family=xunit1",
-                   *[arg for n in only for arg in ("--assignment", str(n))],
+    with tempfile.TemporaryDirectory(prefix="tinyldm-grade-") as tmp:
+        # 1. the instructor's project, with the submission's regions in it
+        tree, report = Path(tmp) / "project", Path(tmp) / "report.xml"
+        notes = assemble(submission, tests, tree)
+        if submission == tests:
+            notes.append("graded with its own tests: a self-check, not a grade (an instructor runs this command "
+                         "from their own copy, or names it with --tests)")
+        # 2. pytest there: the instructor's files and ini, no plugins from the environment, no cache
+        command = [sys.executable, "-m", "pytest", *graded_test_files(tree), "-m", "assignment", "-q",
+                   "-p", "no:cacheprovider", "--rootdir", str(tree), f"--junitxml={report}",
+                   "-o", "junit_family=xunit1", *[arg for n in only for arg in ("--assignment", str(n))],
                    *pytest_args]
-        done = subprocess.run(command, cwd=project_dir, capture_output=True, text=True, timeout=timeout)
+        if (tree / "pytest.ini").is_file():
+            command[3:3] = ["-c", str(tree / "pytest.ini")]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_") and k != "PYTHONPATH"}
+        env.update(PYTEST_DISABLE_PLUGIN_AUTOLOAD="1", PYTHONDONTWRITEBYTECODE="1")
+        done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
         if not report.is_file():
-            raise RuntimeError(f"pytest did not run in {project_dir}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
-        cases = ET.parse(report).getroot().iter("testcase")
+            raise RuntimeError(f"pytest did not run in {tree}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+        cases = list(ET.parse(report).getroot().iter("testcase"))
+    # 3. each test case's outcome, under its assignment
     results = {n: [] for n in only}
     errors = []
     for case in cases:
@@ -322,14 +520,16 @@ def grade(project_dir=ROOT, only=None, pytest_args=(), timeout=1800):
     table = []
     for a in ASSIGNMENTS:
         if a.number in only:
-            tests = results[a.number]
-            table.append({"number": a.number, "title": a.title, "tests": tests, "total": len(tests),
-                          "passed": sum(t["outcome"] == "passed" for t in tests)})
-    return {"assignments": table, "collection_errors": errors, "passed": sum(r["passed"] for r in table),
-            "total": sum(r["total"] for r in table)}
+            cases_of_a = results[a.number]
+            table.append({"number": a.number, "title": a.title, "tests": cases_of_a, "total": len(cases_of_a),
+                          "passed": sum(t["outcome"] == "passed" for t in cases_of_a)})
+    return {"submission": str(submission), "tests_from": str(tests), "notes": notes,
+            "assignments": table, "collection_errors": errors,
+            "passed": sum(r["passed"] for r in table), "total": sum(r["total"] for r in table)}
 
 
 def print_table(result):
+    print(f"graded: {result['submission']}, with the tests of {result['tests_from']}")
     print(f"{'':>3} {'assignment':<56} {'passed':>9}")
     for r in result["assignments"]:
         mark = "ok" if r["total"] and r["passed"] == r["total"] else ""
@@ -337,3 +537,5 @@ def print_table(result):
     print(f"{'':>3} {'total':<56} {result['passed']:>4}/{result['total']:<4}")
     for e in result["collection_errors"]:
         print(f"error (these tests were not collected, so the table misses them): {e['test']}: {e['message']}")
+    for note in result["notes"]:
+        print(f"note: {note}")

@@ -9,19 +9,56 @@ fails exactly N's tests and passes every other assignment's tests. Two runs prov
 By 1, a test of M never reaches N's code, so removing N cannot change it; by 1 and 2, each test of
 N reaches only N's regions and fails without them. The literal check, one copy per assignment,
 is the slow test at the end (`python -m pytest -m slow tests/test_assignments.py`).
+
+Grading uses the instructor's tests only: the starter below carries a conftest hook that turns every
+failure into a pass and a test file of its own, and its grade must still be 0 passed; a planted
+instructor tree with tests/hidden/ shows that `make` leaves the hidden tests out and `grade` runs them.
 """
 
+# the student's trick: appended to tests/conftest.py, it reports every test as passed
+CHEAT_HOOK = """
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    report.outcome = "passed"
+    report.longrepr = None
+"""
+# and a test file of the student's own, graded as assignment 1 if the grader ran it
+STUDENT_TESTS = """import pytest
+
+
+@pytest.mark.assignment(1)
+def test_free_point():
+    assert False, "fails, so only the planted hook can make it pass"
+"""
+# an instructor's hidden test of assignment 1, planted in a copy of the repository
+HIDDEN_TEST = """import pytest
+
+from tinyldm.diffusion import make_beta_schedule
+
+
+@pytest.mark.assignment(1)
+def test_linear_betas_hit_both_ends():
+    betas = make_beta_schedule("linear", T=5, beta_start=0.1, beta_end=0.3)
+    assert betas[0].item() == pytest.approx(0.1) and betas[-1].item() == pytest.approx(0.3)
+"""
+HIDDEN_ID = "tests.hidden.test_hidden_planted::test_linear_betas_hit_both_ends"
+
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
 from course.__main__ import main as cli
-from course.assignments import (NUMBERS, ROOT, MarkerError, find_regions, grade, make, project_regions,
-                                region_id, strip_regions)
+from course.assignments import (ASSIGNMENTS, HIDDEN, NUMBERS, ROOT, MarkerError, assemble, copy_ignore, find_regions,
+                                grade, make, project_regions, region_id, splice, strip_regions)
 
 
 def by_test(result):
@@ -40,11 +77,31 @@ def reference(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def starter(tmp_path_factory):
-    """The starter kit with every assignment removed, and grade() of it."""
+def instructor(tmp_path_factory):
+    """A copy of the repository with one more hidden test, tests/hidden/test_hidden_planted.py, test data
+    (tests/golden_planted.pt) and a run output (runs/x/model.pt)."""
+    tree = tmp_path_factory.mktemp("instructor") / "project"
+    shutil.copytree(ROOT, tree, ignore=copy_ignore(ROOT))
+    (tree / HIDDEN).mkdir(exist_ok=True)
+    (tree / HIDDEN / "test_hidden_planted.py").write_text(HIDDEN_TEST)
+    (tree / "tests" / "golden_planted.pt").write_bytes(b"data")
+    (tree / "runs" / "x").mkdir(parents=True)
+    (tree / "runs" / "x" / "model.pt").write_bytes(b"weights")
+    return tree
+
+
+@pytest.fixture(scope="module")
+def starter(tmp_path_factory, instructor):
+    """The starter kit with every assignment removed, handed in by a student who cheats (the hook above in
+    tests/conftest.py and in a new conftest.py at the top, a test file of their own), and its grade with
+    the instructor's tests: the planted copy of the repository, hidden test included."""
     out = tmp_path_factory.mktemp("kit") / "starter"
     regions = make(out)
-    return out, regions, grade(out)
+    with open(out / "tests" / "conftest.py", "a") as f:
+        f.write(CHEAT_HOOK)
+    (out / "conftest.py").write_text("import pytest\n" + CHEAT_HOOK)
+    (out / "tests" / "test_student_extra.py").write_text(STUDENT_TESTS)
+    return out, regions, grade(out, tests=instructor)
 
 
 def test_reference_markers_are_balanced_and_cover_every_assignment():
@@ -131,13 +188,97 @@ def test_each_assignments_tests_run_only_its_own_regions(reference):
 
 def test_starter_fails_every_test_on_its_own_assignment(reference, starter):
     """With every region removed, each assignment test fails with its own assignment's NotImplementedError,
-    and the grader finds the same tests as in the reference (nothing fails to import)."""
+    and the grader finds the same tests as in the reference, plus the planted hidden one (nothing fails to
+    import). The student's hook and test file change nothing: 0 passed, and their test is not graded."""
     _, _, result = starter
     assert not result["collection_errors"]
     reference_tests, starter_tests = by_test(reference[0]), by_test(result)
-    assert set(starter_tests) == set(reference_tests)
+    assert set(starter_tests) == set(reference_tests) | {HIDDEN_ID}
+    assert result["passed"] == 0 and result["total"] == reference[0]["total"] + 1
     for test, (number, outcome, message) in starter_tests.items():
         assert outcome == "failed" and f"Assignment {number}:" in message, (test, outcome, message)
+    assert not result["notes"]  # the starter's code outside the regions is the instructor's
+
+
+def test_grade_runs_the_hidden_tests(starter):
+    """The planted hidden test is graded under its assignment: it ran the student's code, which raised."""
+    number, outcome, message = by_test(starter[2])[HIDDEN_ID]
+    assert (number, outcome) == (1, "failed") and "Assignment 1: write make_beta_schedule" in message
+
+
+def test_the_planted_hook_works_where_the_students_tests_run(starter, tmp_path):
+    """The control: where pytest runs the student's conftest.py, the hook above turns their failing test into a
+    pass. So the grade of 0 passed is the grader ignoring the hook, not a hook that does nothing."""
+    out, _, _ = starter
+    for name in ("conftest.py", "tests/test_student_extra.py"):
+        shutil.copy(out / name, tmp_path / Path(name).name)
+    done = subprocess.run([sys.executable, "-m", "pytest", "test_student_extra.py", "-q", "-p", "no:cacheprovider",
+                           "--rootdir", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout + done.stderr
+
+
+def test_grading_assembles_the_instructors_tree_with_the_students_regions(starter, tmp_path):
+    """assemble(): every file of the graded tree is the instructor's (tests/, both conftests, pytest.ini),
+    except the marked files, which hold the submission's regions; the student's extra files are absent."""
+    out, regions, _ = starter
+    tree = tmp_path / "tree"
+    assert assemble(out, ROOT, tree) == []
+    for path in ("tests/conftest.py", "pytest.ini", "tests/test_diffusion.py"):
+        assert (tree / path).read_bytes() == (ROOT / path).read_bytes(), path
+    assert not (tree / "conftest.py").exists() and not (tree / "tests" / "test_student_extra.py").exists()
+    for path in {r.path for r in regions}:
+        assert (tree / path).read_text() == (out / path).read_text(), path
+
+
+def test_splice_takes_the_regions_and_reports_the_rest():
+    """splice(): region bodies come from the submission, matched by (assignment, function); the code around
+    them stays the reference's, and each change outside, missing region or broken marker is a note."""
+    reference = textwrap.dedent('''
+        def helper(x):
+            return x
+
+
+        def step(x):
+            # BEGIN ASSIGNMENT 2
+            raise NotImplementedError
+            # END ASSIGNMENT 2
+
+
+        def other(x):
+            # BEGIN ASSIGNMENT 3
+            raise NotImplementedError
+            # END ASSIGNMENT 3
+        ''')
+    submitted = reference.replace("return x", "return 99").replace(
+        "# BEGIN ASSIGNMENT 2\n    raise NotImplementedError",
+        "# BEGIN ASSIGNMENT 2\n    y = helper(x)\n    return 2 * y")
+    namespace = {}
+    text, notes = splice(reference, submitted, "m.py")
+    exec(compile(text, "m.py", "exec"), namespace)
+    assert namespace["step"](3) == 6 and namespace["helper"](3) == 3  # the region is theirs, helper ours
+    assert notes == ["m.py: 1 changed line(s) outside the assignment regions; "
+                     "the grade uses the instructor's code there"]
+    lacking = submitted.replace("# BEGIN ASSIGNMENT 3", "").replace("# END ASSIGNMENT 3", "")
+    text, notes = splice(reference, lacking, "m.py")
+    assert "return 2 * y" in text and 'NotImplementedError("Assignment 3: write other' in text
+    assert any("no region of assignment 3 in other" in n for n in notes)
+    broken = submitted.replace("# END ASSIGNMENT 2", "")
+    text, notes = splice(reference, broken, "m.py")
+    assert "return 2 * y" not in text and 'NotImplementedError("Assignment 2: write step' in text
+    assert len(notes) == 1 and "graded as not written" in notes[0]
+
+
+def test_make_leaves_the_hidden_tests_out(starter, instructor, tmp_path):
+    """The starter of a project with tests/hidden/ has no tests/hidden/ (and this repository's has none); it
+    keeps the tests' data, and leaves run outputs out. The grading tree keeps all but the run outputs."""
+    assert list((instructor / HIDDEN).glob("test_hidden_*.py"))
+    make(tmp_path / "kit", root=instructor)
+    assert not (tmp_path / "kit" / HIDDEN).exists() and (tmp_path / "kit" / "tests" / "conftest.py").is_file()
+    assert (tmp_path / "kit" / "tests" / "golden_planted.pt").is_file() and not (tmp_path / "kit" / "runs").exists()
+    assert not (starter[0] / HIDDEN).exists()
+    assemble(tmp_path / "kit", instructor, tmp_path / "tree")
+    assert (tmp_path / "tree" / HIDDEN / "test_hidden_planted.py").read_text() == HIDDEN_TEST
+    assert (tmp_path / "tree" / "tests" / "golden_planted.pt").is_file() and not (tmp_path / "tree" / "runs").exists()
 
 
 def test_starter_kit_imports_cleanly_and_has_a_handout(starter):
@@ -159,6 +300,10 @@ def test_starter_kit_imports_cleanly_and_has_a_handout(starter):
     for r in regions:
         assert f"`{r.function}` (line {r.begin})" in handout
         assert "NotImplementedError" in (out / r.path).read_text().splitlines()[r.begin]
+    for a in ASSIGNMENTS:
+        assert a.notebooks and all(f"- `{path}`: " in handout for path, _ in a.notebooks)
+    assert "## Conventions" in handout and "f(t+1)/f(0)" in handout and "t_prev = -1" in handout
+    assert "gamma" not in handout and "γ" not in handout and "LDM) Eq. 3" not in handout  # s, never γ
 
 
 def test_make_only_some_assignments_leaves_the_rest(tmp_path):
@@ -186,6 +331,13 @@ def test_command_line_errors(tmp_path, capsys):
         cli(["make", str(tmp_path / "full")])
     with pytest.raises(SystemExit, match="unknown assignment"):
         cli(["grade", "--only", "0"])
+    with pytest.raises(SystemExit, match="not a submission: no such folder"):
+        cli(["grade", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="not an instructor's project"):
+        cli(["grade", str(ROOT), "--tests", str(tmp_path / "full")])
+    (tmp_path / "full" / "tinyldm").mkdir()
+    with pytest.raises(SystemExit, match="not a submission of this project: it has no tinyldm/"):
+        cli(["grade", str(tmp_path / "full")])
 
 
 @pytest.mark.slow

@@ -80,7 +80,8 @@ def test_name_must_be_one_folder_inside_runs_dir(tmp_path, name):
 
 
 def test_cpu_threads_leave_busy_cores_alone(monkeypatch):
-    """--threads N is taken as given; 0 uses the cores other processes leave free, and never fewer than 1."""
+    """--threads N is taken as given; 0 uses the cores other processes leave free, shared among the
+    machine's training processes, and never fewer than 1."""
     import os
 
     import train_small
@@ -90,6 +91,8 @@ def test_cpu_threads_leave_busy_cores_alone(monkeypatch):
     assert train_small.cpu_threads(3) == 3
     monkeypatch.setattr(train_small, "busy_cores", lambda: 0.0)
     assert train_small.cpu_threads(0) == cores
+    assert train_small.cpu_threads(0, processes=2) == max(1, cores // 2)  # torchrun's processes share them
+    assert train_small.cpu_threads(3, processes=2) == 3
     monkeypatch.setattr(train_small, "busy_cores", lambda: cores - 1.0)
     assert train_small.cpu_threads(0) == 1
     monkeypatch.setattr(train_small, "busy_cores", lambda: cores + 3.0)
