@@ -36,6 +36,7 @@ import inspect
 import io
 import json
 import linecache
+import os
 import random
 import re
 import textwrap
@@ -43,7 +44,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from course.assignments import NUMBERS, ROOT, project_regions
+from course.assignments import NUMBERS, ROOT, graded_test_files, project_regions
 
 WRONG, EQUIVALENT = "wrong", "equivalent"
 
@@ -889,10 +890,10 @@ def swapped(mutant):
 
 
 def assignment_test_files(number):
-    """The repository's test files (tests/ and tests/hidden/) holding tests of assignment `number`."""
+    """The files `grade` runs (tests/ and tests/hidden/) that hold tests of assignment `number`, as absolute paths."""
     marker = re.compile(rf"mark\.assignment\(\s*{number}\s*\)")
-    files = sorted((ROOT / "tests").glob("test_*.py")) + sorted((ROOT / "tests" / "hidden").glob("test_*.py"))
-    return [str(f.relative_to(ROOT)) for f in files if marker.search(f.read_text())]
+    files = [ROOT / f for f in graded_test_files(ROOT)]
+    return [str(f) for f in files if marker.search(f.read_text())]
 
 
 class _Outcomes:
@@ -924,10 +925,20 @@ def run_assignment_tests(number, stop_at_first=True):
     random.seed(0)
     torch.manual_seed(0)  # the same global random state for every run, whatever ran before
     outcomes = _Outcomes()
-    args = [*assignment_test_files(number), "-m", "assignment", "--assignment", str(number), "-q",
-            "-p", "no:cacheprovider", "--tb=line", "--rootdir", str(ROOT), *(["-x"] if stop_at_first else [])]
-    with contextlib.redirect_stdout(io.StringIO()) as out:
-        code = pytest.main(args, plugins=[outcomes])
+    # as `grade` runs them: the repository's ini, no plugins from the environment, no cache
+    args = [*assignment_test_files(number), "-c", str(ROOT / "pytest.ini"), "--rootdir", str(ROOT),
+            "-m", "assignment", "--assignment", str(number), "-q", "-p", "no:cacheprovider", "--tb=line",
+            *(["-x"] if stop_at_first else [])]
+    autoload = os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD")
+    os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            code = pytest.main(args, plugins=[outcomes])
+    finally:
+        if autoload is None:
+            del os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"]
+        else:
+            os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = autoload
     if outcomes.failed:
         return ("failed", *outcomes.failed[0])
     if code == 0 and outcomes.passed:
