@@ -307,6 +307,11 @@ MUTANTS = (
                alpha_bar = self._gather(self.alpha_bars, t, x0)
                return torch.sqrt(alpha_bar) * x0 + torch.sqrt(1 - alpha_bar) * eps
                """),
+    equivalent(1, QS, "q-sample-in-float64", "computed in float64 from the ᾱ buffer, then cast back to x0's dtype",
+               """
+               alpha_bar = self._gather(self.alpha_bars, t, x0).double()
+               return (alpha_bar.sqrt() * x0.double() + (1 - alpha_bar).sqrt() * eps.double()).to(x0.dtype)
+               """),
     equivalent(1, QS, "q-sample-addcmul", "mean + std·ε with torch.addcmul",
                "return torch.addcmul(self._gather(self.sqrt_alpha_bars, t, x0) * x0,\n"
                "                     self._gather(self.sqrt_one_minus_alpha_bars, t, x0), eps)"),
@@ -466,6 +471,13 @@ MUTANTS = (
                dims = list(range(1, mean.dim()))
                return 0.5 * torch.sum(mean.pow(2) + var - 1.0, dim=dims) - torch.sum(torch.log(std), dim=dims)
                """),
+    equivalent(4, KL, "kl-torch-distributions", "torch.distributions' KL(N(μ, σ) ‖ N(0, 1)), summed per image",
+               """
+               mean, std = self.mean.float(), self.std.float()
+               kl = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std),
+                                                      torch.distributions.Normal(0.0, 1.0))
+               return kl.sum(dim=list(range(1, mean.dim())))
+               """),
     equivalent(4, KL, "kl-flatten", "the terms flattened per image, then summed",
                """
                mean, var, logvar = self.mean.float(), self.var.float(), self.logvar.float()
@@ -576,6 +588,13 @@ MUTANTS = (
                if mask is not None:
                    logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
                return logits.softmax(dim=-1)
+               """),
+    equivalent(5, AW, "attention-log-softmax-exp", "exp(log_softmax(l)): the same weights through the log domain",
+               """
+               logits = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])
+               if mask is not None:
+                   logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
+               return logits.log_softmax(dim=-1).exp()
                """),
     equivalent(5, AW, "attention-softmax-by-hand", "exp(l − max l)/Σexp(l − max l) with torch.where for the mask",
                """
