@@ -919,7 +919,7 @@ class _Outcomes:
     """A pytest plugin that keeps each test's outcome and the first failure's message."""
 
     def __init__(self):
-        self.passed, self.failed = 0, []
+        self.passed, self.failed, self.broken = 0, [], []
 
     def pytest_runtest_logreport(self, report):
         if report.failed:
@@ -930,8 +930,8 @@ class _Outcomes:
             self.passed += 1
 
     def pytest_collectreport(self, report):
-        if report.failed:
-            self.failed.append((report.nodeid, "collection error: " + str(report.longrepr).strip().splitlines()[-1]))
+        if report.failed:  # a test file that cannot be imported: no verdict on the mutant
+            self.broken.append((report.nodeid, "collection error: " + str(report.longrepr).strip().splitlines()[-1]))
 
 
 def run_assignment_tests(number, stop_at_first=True):
@@ -958,6 +958,8 @@ def run_assignment_tests(number, stop_at_first=True):
             del os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"]
         else:
             os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = autoload
+    if outcomes.broken:
+        return ("error", *outcomes.broken[0])
     if outcomes.failed:
         return ("failed", *outcomes.failed[0])
     if code == 0 and outcomes.passed:
@@ -992,14 +994,17 @@ def check(only=None):
     return rows
 
 
+WHY = {m.name: m.why for m in MUTANTS}
+
+
 def print_rows(rows):
     print(f"{'':>2} {'mutant':<44} {'expected':<10} {'got':<7} {'':<3} first failing test")
     for r in rows:
         expected = {WRONG: "to fail", EQUIVALENT: "to pass", "pass": "to pass"}[r["expect"]]
         print(f"{r['number']:>2} {r['mutant']:<44} {expected:<10} {r['got']:<7} {'ok' if r['ok'] else 'BAD':<3} "
               f"{r['test']}")
-        if not r["ok"] and r["message"]:
-            print(f"{'':>3} {r['message']}")
+        if not r["ok"]:
+            print(f"{'':>3} {WHY[r['mutant']] if r['mutant'] in WHY else ''}  {r['message']}")
     print(summary(rows))
 
 
