@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import tinyldm.diffusion as diffusion
+from tinyldm.diffusion import classifier_free_guidance
 from course.assignments import NUMBERS, ROOT, project_regions
 from course.mutations import (EQUIVALENT, MUTANTS, WRONG, assignment_test_files, mutated_code, region_of, summary,
                               swapped, target_function)
@@ -50,7 +51,7 @@ def test_every_mutant_compiles_into_its_function():
 
 
 def test_swap_reaches_every_caller_and_is_undone():
-    """Inside `swapped`, the imported name, a method called on an instance and a function behind
+    """Inside `swapped`, a name imported beforehand, a method called on an instance and a function behind
     torch.no_grad's wrapper all run the mutant; afterwards, and after an exception, the reference again."""
     c, u = torch.ones(3), torch.zeros(3)
     schedule = diffusion.NoiseSchedule(torch.linspace(1e-4, 2e-2, 5, dtype=torch.float64))
@@ -64,14 +65,14 @@ def test_swap_reaches_every_caller_and_is_undone():
     def observe():
         steps.clear()
         diffusion.ddpm_sample(eps_fn, schedule, (1, 2), generator=torch.Generator().manual_seed(0))
-        return (diffusion.classifier_free_guidance(c, u, 2.0)[0].item(),
+        return (classifier_free_guidance(c, u, 2.0)[0].item(),  # a name imported before the swap
                 round(schedule.q_sample(x0, 0, eps)[0, 0].item(), 3), list(steps))
 
     reference = (2.0, 1.0, [4, 3, 2, 1, 0])
     assert observe() == reference
-    with (swapped(BY_NAME["cfg-swapped"]), swapped(BY_NAME["q-sample-swapped"]),
-          swapped(BY_NAME["ddpm-sample-skips-t0"])):
-        assert observe() == (-1.0, 0.01, [4, 3, 2, 1])  # ε_c + 2·(ε_u − ε_c); √(1−ᾱ_0)·x0; no t = 0
+    with swapped(BY_NAME["cfg-swapped"]), swapped(BY_NAME["q-sample-swapped"]):
+        with swapped(BY_NAME["ddpm-sample-skips-t0"]):
+            assert observe() == (-1.0, 0.01, [4, 3, 2, 1])  # ε_c + 2·(ε_u − ε_c); √(1−ᾱ_0)·x0; no t = 0
     assert observe() == reference
     with pytest.raises(ZeroDivisionError), swapped(BY_NAME["cfg-swapped"]):
         1 / 0
