@@ -984,7 +984,7 @@ def check(only=None):
             start = time.perf_counter()
             try:
                 with swapped(mutant) if mutant else contextlib.nullcontext():
-                    got, test, message = run_assignment_tests(number, stop_at_first=expect != EQUIVALENT)
+                    got, test, message = run_assignment_tests(number, stop_at_first=expect == WRONG)
             except Exception as e:  # the mutant does not compile, or does not fit its function
                 got, test, message = "error", "", f"{type(e).__name__}: {e}"
             ok = got == "failed" if expect == WRONG else got == "passed"
