@@ -109,8 +109,8 @@ def test_reference_passes_its_assignment(rows, number):
 def test_wrong_mutant_fails_its_assignment(rows, name):
     m = BY_NAME[name]
     row = rows[(m.number, name)]
-    assert row["got"] == "failed", (f"assignment {m.number}'s tests let this mistake through: {m.why} "
-                                    f"({row['got']} {row['test']} {row['message']})")
+    assert row["got"] == "failed", (f"assignment {m.number}'s tests let this mistake through: {m.why}"
+                                    + (f" ({row['test']}: {row['message']})" if row["got"] == "error" else ""))
     # a failure must come from the mistake, not from a mutant that cannot run at all
     assert not row["message"].startswith(("NameError", "UnboundLocalError", "SyntaxError")), row["message"]
 
