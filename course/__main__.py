@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+from course import mutations
 from course.assignments import NUMBERS, ROOT, MarkerError, grade, make, print_table
 
 
@@ -61,6 +62,8 @@ def main(argv=None):
     p.add_argument("--only", type=int, nargs="+", metavar="N", help="grade only these assignments")
     p.add_argument("--json", action="store_true", help="print the results as JSON (for autograders)")
     p.set_defaults(run_command=grade_command)
+
+    mutations.add_command(commands)  # `mutants`: wrong answers must fail the tests, equivalent ones pass
 
     args = parser.parse_args(argv)
     args.run_command(args)
