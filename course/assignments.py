@@ -114,7 +114,7 @@ ASSIGNMENTS = (
                r"{1-\bar\alpha_t}}\sqrt{1-\tfrac{\bar\alpha_t}{\bar\alpha_{t'}}}$; $\eta = 0$ draws no noise. "
                r"Classifier-free guidance: $\tilde\varepsilon = \varepsilon(c_u) + s\,(\varepsilon(c) - "
                r"\varepsilon(c_u))$ (the paper writes $(1+w)\,\varepsilon(c) - w\,\varepsilon(c_u)$: $s = 1 + w$). "
-               r"Classifier guidance: $\hat\varepsilon = \varepsilon - s\sqrt{1-\bar\alpha_t}\,"
+               r"Classifier guidance with scale $\gamma$: $\hat\varepsilon = \varepsilon - \gamma\sqrt{1-\bar\alpha_t}\,"
                r"\nabla_{x_t}\log p(y\mid x_t)$ (given: `eps_from_score`, $\varepsilon = "
                r"-\sqrt{1-\bar\alpha_t}\,\nabla_{x_t}\log p(x_t)$).",
                "Song et al. 2021 (DDIM) Eqs. 12 and 16 (DDIM writes α for ᾱ); Ho & Salimans 2022 (CFG) Eq. 6; "
@@ -343,8 +343,10 @@ CONVENTIONS = r"""## Conventions (every assignment)
    `self._gather(values, t, x)` gives `values[t]` shaped to broadcast against `x`, `(1, ..., 1)` for an
    int and `(B, 1, ..., 1)` for a tensor. Your code must work with both.
 4. **Notation.** $\alpha_t = 1 - \beta_t$ and $\bar\alpha_t = \prod_{i \le t} \alpha_i$ as in DDPM (DDIM writes
-   $\alpha$ for $\bar\alpha$); the guidance scale is $s$ for both guidance rules ($s = 1$: no guidance
-   for CFG); $\eta$ is DDIM's noise level; $\varepsilon(c)$ and $\varepsilon(c_u)$ are the noise
+   $\alpha$ for $\bar\alpha$); $s$ is the classifier-free guidance scale ($s = 1$: no guidance) and
+   $\gamma$ the classifier-guidance scale ($\gamma = 0$: none; Guided calls it $s$ too, but the two are
+   used together here, so each has its own letter, as in the code, the notebooks and the command line
+   `--guidance-scale` / `--classifier-scale`); $\eta$ is DDIM's noise level; $\varepsilon(c)$ and $\varepsilon(c_u)$ are the noise
    predictions with the prompt and with the empty prompt.
 5. **Only the regions are graded.** Write everything between `# BEGIN ASSIGNMENT N` and
    `# END ASSIGNMENT N`. The grader takes the code between the markers and nothing else: code you

@@ -303,7 +303,8 @@ def test_starter_kit_imports_cleanly_and_has_a_handout(starter):
     for a in ASSIGNMENTS:
         assert a.notebooks and all(f"- `{path}`: " in handout for path, _ in a.notebooks)
     assert "## Conventions" in handout and "f(t+1)/f(0)" in handout and "t_prev = -1" in handout
-    assert "gamma" not in handout and "γ" not in handout and "LDM) Eq. 3" not in handout  # s, never γ
+    assert "LDM) Eq. 3" not in handout  # the attention formula is unnumbered in the LDM paper
+    assert "$s$ is the classifier-free guidance scale" in handout and r"$\gamma$ the classifier-guidance scale" in handout
 
 
 def test_make_only_some_assignments_leaves_the_rest(tmp_path):

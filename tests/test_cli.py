@@ -113,10 +113,11 @@ def test_data_command_checks_its_arguments(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["one.png"]
 
 
-def test_grade_a_missing_project_is_an_error(tmp_path):
-    with pytest.raises(SystemExit, match="is not a project to grade: no such folder"):
+def test_grade_a_missing_submission_is_an_error(tmp_path):
+    """A folder that is not there, or holds none of the files with assignment regions: one line, no grading."""
+    with pytest.raises(SystemExit, match="is not a submission: no such folder"):
         course_cli(["grade", str(tmp_path / "nonexistent")])
-    with pytest.raises(SystemExit, match="is not a project to grade: it has no tests/ folder"):
+    with pytest.raises(SystemExit, match="is not a submission of this project: it has no tinyldm/"):
         course_cli(["grade", str(tmp_path)])
 
 

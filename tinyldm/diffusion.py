@@ -31,7 +31,7 @@ Glossary (code name: symbol: meaning, with the equation that defines it)
   snr                        SNR(t)    ᾱ_t/(1−ᾱ_t)
   context, uncond_context    c, c_u    conditioning of the prompt and of the empty prompt (opaque to this file)
   guidance_scale             s         CFG scale; s = 1 + w in the notation of                           CFG Eq. 6
-  classifier_scale           s         classifier-guidance scale                                 Guided Algorithm 2
+  classifier_scale           γ         classifier-guidance scale (Guided writes s)                Guided Algorithm 2
   eta                        η         DDIM noise level: 0 deterministic, 1 DDPM's variance               DDIM Eq. 16
   eps_fn                     ε̃(x_t, t) the ε a sampler steps with: the model's, with guidance (make_guided_eps)
 """
@@ -331,17 +331,17 @@ def classifier_free_guidance(eps_cond, eps_uncond, scale):
 
 
 def classifier_guidance(schedule, eps, t, grad_log_p, scale):
-    """Classifier guidance (Guided Eq. 14, Algorithm 2) with scale s: the guided noise prediction ε̂.
+    """Classifier guidance (Guided Eq. 14, Algorithm 2) with scale γ: the guided noise prediction ε̂.
 
     eps (ε) and grad_log_p (∇_{x_t} log p(y|x_t)) of one shape; t as in NoiseSchedule; returns ε̂ of that
-    shape, exactly ε at s = 0. Bayes: ∇log p(x_t|y) = ∇log p(x_t) + ∇log p(y|x_t). Guidance multiplies the
-    classifier's term by s, which gives ∇log p(x_t) + s·∇log p(y|x_t), the score of the tilted density
-    p(x_t)·p(y|x_t)^s: the conditional score ∇log p(x_t|y) only at s = 1 (notebook 01, Eqs. 4–7). The
+    shape, exactly ε at γ = 0. Bayes: ∇log p(x_t|y) = ∇log p(x_t) + ∇log p(y|x_t). Guidance multiplies the
+    classifier's term by γ, which gives ∇log p(x_t) + γ·∇log p(y|x_t), the score of the tilted density
+    p(x_t)·p(y|x_t)^γ: the conditional score ∇log p(x_t|y) only at γ = 1 (notebook 01, Eqs. 4–7). The
     classifier's gradient is a score, so it is turned into ε units with ε = −√(1−ᾱ_t)·score (Guided Eq. 11).
     """
     _check_same_shape(eps=eps, grad_log_p=grad_log_p)
     # BEGIN ASSIGNMENT 3: Guided Eq. 14 (schedule.eps_from_score turns a score into ε units)
-    # Guided Eq. 14: ε̂ = ε − s·√(1−ᾱ_t)·∇_{x_t} log p(y|x_t)
+    # Guided Eq. 14: ε̂ = ε − γ·√(1−ᾱ_t)·∇_{x_t} log p(y|x_t)
     return eps + scale * schedule.eps_from_score(grad_log_p, t)
     # END ASSIGNMENT 3
 
@@ -353,7 +353,7 @@ def make_guided_eps(model, schedule, context=None, uncond_context=None, guidance
     model(x_t, t, context) -> ε (or v if prediction == "v"), t a LongTensor (B,); `context` and
     `uncond_context` (c and c_u) are passed through untouched. CFG runs when uncond_context is given and
     guidance_scale s != 1; classifier guidance when classifier_grad(x_t, t) -> ∇_{x_t} log p(y|x_t) is given
-    and classifier_scale s != 0 (it runs with grad enabled, inside the samplers' no_grad).
+    and classifier_scale γ != 0 (it runs with grad enabled, inside the samplers' no_grad).
     """
     _check_prediction(prediction)
 
@@ -369,7 +369,7 @@ def make_guided_eps(model, schedule, context=None, uncond_context=None, guidance
         if uncond_context is not None and guidance_scale != 1:
             eps_uncond = model_eps(x_t, t, t_batch, uncond_context)
             eps = classifier_free_guidance(eps, eps_uncond, guidance_scale)  # CFG Eq. 6
-        # 3. classifier guidance with the classifier's ∇_{x_t} log p(y|x_t): ε̂ = ε̃ − s·√(1−ᾱ_t)·∇
+        # 3. classifier guidance with the classifier's ∇_{x_t} log p(y|x_t): ε̂ = ε̃ − γ·√(1−ᾱ_t)·∇
         if classifier_grad is not None and classifier_scale != 0:
             with torch.enable_grad():
                 grad_log_p = classifier_grad(x_t.detach(), t_batch)  # ∇_{x_t} log p(y|x_t)
