@@ -306,11 +306,14 @@ class RegionTracer:
 # make: the starter kit and its handout
 
 HIDDEN = Path("tests") / "hidden"  # the instructor's hidden tests: graded, never copied into a starter
+# instructor-only files, never copied into a starter either: the mutation check's list holds a right answer
+# to every region (its "equivalent" mutants), and its test runs that list
+INSTRUCTOR_ONLY = (HIDDEN, Path("course") / "mutations.py", Path("tests") / "test_mutations.py")
 
 
 def make(out_dir, only=None, root=ROOT):
-    """Copy the project to out_dir without the regions of `only` (default: all) and without tests/hidden/;
-    write HANDOUT.md."""
+    """Copy the project to out_dir without the regions of `only` (default: all) and without the
+    instructor-only files (INSTRUCTOR_ONLY: tests/hidden/, the mutation check); write HANDOUT.md."""
     root, out_dir = Path(root).resolve(), Path(out_dir).resolve()
     only = sorted(set(only or NUMBERS))
     unknown = sorted(set(only) - set(NUMBERS))
@@ -320,7 +323,7 @@ def make(out_dir, only=None, root=ROOT):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose a new folder")
     regions = project_regions(root)
 
-    ignore = copy_ignore(root, leave_out=(root / HIDDEN, out_dir))  # never the hidden tests; never into itself
+    ignore = copy_ignore(root, leave_out=(*(root / p for p in INSTRUCTOR_ONLY), out_dir))  # never into itself
     shutil.copytree(root, out_dir, ignore=ignore, dirs_exist_ok=True)
     for path in sorted({r.path for r in regions if r.number in only}):
         (out_dir / path).write_text(strip_regions((root / path).read_text(), only, path))

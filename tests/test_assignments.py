@@ -57,7 +57,7 @@ from pathlib import Path
 import pytest
 
 from course.__main__ import main as cli
-from course.assignments import (ASSIGNMENTS, HIDDEN, NUMBERS, ROOT, MarkerError, assemble, copy_ignore, find_regions,
+from course.assignments import (ASSIGNMENTS, HIDDEN, INSTRUCTOR_ONLY, NUMBERS, ROOT, MarkerError, assemble, copy_ignore, find_regions,
                                 grade, make, project_regions, region_id, splice, strip_regions)
 
 
@@ -269,11 +269,14 @@ def test_splice_takes_the_regions_and_reports_the_rest():
 
 
 def test_make_leaves_the_hidden_tests_out(starter, instructor, tmp_path):
-    """The starter of a project with tests/hidden/ has no tests/hidden/ (and this repository's has none); it
-    keeps the tests' data, and leaves run outputs out. The grading tree keeps all but the run outputs."""
+    """The starter of a project with tests/hidden/ has no tests/hidden/ (and this repository's has none), and
+    no mutation check (its list holds a right answer to every region); it keeps the tests' data, and leaves
+    run outputs out. The grading tree keeps all but the run outputs."""
     assert list((instructor / HIDDEN).glob("test_hidden_*.py"))
+    assert all((instructor / p).exists() for p in INSTRUCTOR_ONLY)
     make(tmp_path / "kit", root=instructor)
-    assert not (tmp_path / "kit" / HIDDEN).exists() and (tmp_path / "kit" / "tests" / "conftest.py").is_file()
+    assert not any((tmp_path / "kit" / p).exists() for p in INSTRUCTOR_ONLY)
+    assert (tmp_path / "kit" / "tests" / "conftest.py").is_file()
     assert (tmp_path / "kit" / "tests" / "golden_planted.pt").is_file() and not (tmp_path / "kit" / "runs").exists()
     assert not (starter[0] / HIDDEN).exists()
     assemble(tmp_path / "kit", instructor, tmp_path / "tree")
@@ -302,6 +305,7 @@ def test_starter_kit_imports_cleanly_and_has_a_handout(starter):
         assert "NotImplementedError" in (out / r.path).read_text().splitlines()[r.begin]
     for a in ASSIGNMENTS:
         assert a.notebooks and all(f"- `{path}`: " in handout for path, _ in a.notebooks)
+        assert all((out / path).is_file() for path, _ in a.notebooks)  # the notebooks it points to exist
     assert "## Conventions" in handout and "f(t+1)/f(0)" in handout and "t_prev = -1" in handout
     assert "LDM) Eq. 3" not in handout  # the attention formula is unnumbered in the LDM paper
     assert "$s$ is the classifier-free guidance scale" in handout and r"$\gamma$ the classifier-guidance scale" in handout
