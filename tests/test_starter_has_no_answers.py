@@ -1,6 +1,7 @@
 """The starter's tests must not hand out the answers.
 
-`python -m course make` copies tests/ into the starter kit (all but tests/hidden/, the instructor's).
+`python -m course make` copies tests/ into the starter kit (all but the instructor's files: tests/hidden/
+and the mutation check).
 A test that writes a marked region's code out again, as a "reference", gives the student the
 solution. So: every key line of every region (a statement of the reference code, comments and
 whitespace removed) must appear in no test file the starter gets. Trivial statements (`return x`,
@@ -14,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from course.assignments import ROOT, project_regions
+from course.assignments import INSTRUCTOR_ONLY, ROOT, project_regions
 
 MIN_CHARS = 15  # a normalised statement shorter than this (e.g. `returnemb`) gives nothing away
-HIDDEN = ROOT / "tests" / "hidden"  # the instructor's tests: the starter does not get them
+LEFT_OUT = [ROOT / p for p in INSTRUCTOR_ONLY]  # tests/hidden/ and the mutation check: the starter does not get them
 
 
 def statements(source):
@@ -54,8 +55,9 @@ def key_lines(region):
 
 
 def starter_test_files():
-    """Every .py file under tests/ that the starter gets: all but tests/hidden/."""
-    return sorted(p for p in (ROOT / "tests").rglob("*.py") if HIDDEN not in p.parents and "__pycache__" not in p.parts)
+    """Every .py file under tests/ that the starter gets: all but tests/hidden/ and the mutation check."""
+    return sorted(p for p in (ROOT / "tests").rglob("*.py") if "__pycache__" not in p.parts
+                  and not any(p == left or left in p.parents for left in LEFT_OUT))
 
 
 def test_statements_are_normalised_logical_lines():
