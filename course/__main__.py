@@ -62,11 +62,11 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="print the results as JSON (for autograders)")
     p.set_defaults(run_command=grade_command)
 
-    try:  # `mutants`: wrong answers must fail the tests, equivalent ones pass (the instructor's copy only)
+    # `mutants`: wrong answers must fail the tests, equivalent ones pass. The instructor's copy only: make
+    # leaves the mutation list out of a starter kit (it holds right answers)
+    if (Path(__file__).parent / "mutations.py").is_file():
         from course import mutations
-    except ImportError:  # a starter kit: make leaves the mutation list out (it holds right answers)
-        mutations = None
-    if mutations:
+
         mutations.add_command(commands)
 
     args = parser.parse_args(argv)
