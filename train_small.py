@@ -10,7 +10,7 @@
 Stages, one function each below, each one visible loop; main() at the bottom calls them in order:
   0  data         Shapes (or --data) as one uint8 tensor in memory; a tokenizer trained on its captions
   1  autoencoder  L2 reconstruction (--recon-loss l1: L1) + KL (+ optional patch GAN), validation PSNR,
-                  the latent scale factor
+                  the latent shift and scale (per channel, --latent-norm)
   2  latents      the training set encoded once: posterior mean and log-variance, captions as ids
   3  diffusion    text encoder + U-Net on the ε or v objective, caption dropout, EMA, AdamW, warm-up + cosine
   4  classifier   a noise-aware latent classifier p(y | z_t) for classifier guidance (Shapes only)
@@ -50,7 +50,8 @@ from tqdm import tqdm
 
 from tinyldm.__main__ import autocast, pick_device, save_grid
 from tinyldm.autoencoder import (AutoencoderConfig, DiagonalGaussian, PatchDiscriminator, autoencoder_loss,
-                                 check_autoencoder_config, discriminator_loss, latent_scale_factor)
+                                 check_autoencoder_config, discriminator_loss, latent_channel_stats,
+                                 latent_scale_factor)
 from tinyldm.classifier import (ClassifierConfig, LatentClassifier, accuracy_by_timestep, classifier_loss,
                                 labels_from_scenes, save_classifier)
 from tinyldm.data import (DataError, ImageFolderDataset, ShapesConfig, ShapesDataset, describe, to_float,
@@ -87,6 +88,7 @@ class TrainConfig:
     ae_batch_size: int = 32         # images per step (per process)
     ae_lr: float = 1e-3             # Adam learning rate
     recon_loss: str = "l2"          # reconstruction loss, l2 or l1 (see autoencoder.py)
+    latent_norm: str = "channel"    # z0 = (z − μ_c)/σ_c per latent channel ("channel"), or z/σ ("global", CompVis)
     kl_weight: float = 1e-6         # weight of the KL term (LDM's KL-reg autoencoders use 1e-6)
     disc_weight: float = 0.0        # patch-GAN weight (0 = off: the runs train on recon_loss + KL alone)
     disc_start: int = 0             # step from which the GAN term is on
@@ -157,6 +159,7 @@ RANGES = [
     (("ema_decay",), lambda v: 0 <= v < 1, "a number in [0, 1)"),
     (("p_position",), lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     (("guidance_scale",), lambda v: -math.inf < v < math.inf, "a finite number"),
+    (("latent_norm",), lambda v: v in ("channel", "global"), "channel or global"),
 ]
 # the components' names for the settings they check, as the flags that set them
 COMPONENT_FLAGS = {
@@ -514,10 +517,16 @@ class Latents:
     ids: torch.Tensor     # (N, L)
     mask: torch.Tensor    # (N, L)
 
-    def sample_z0(self, idx, scale_factor, generator):
-        """A fresh z0 = scale · z, z ~ q(z|x) = N(μ, σ²), for cached images idx (each epoch sees new latents)."""
+    def sample_z0(self, idx, model, generator):
+        """A fresh z0 = (z − shift)·scale, z ~ q(z|x) = N(μ, σ²), for cached images idx (each epoch sees
+        new latents)."""
         posterior = DiagonalGaussian(self.mean[idx], self.logvar[idx])      # (B, z, h, w) each
-        return posterior.sample(generator) * scale_factor                  # VAE reparametrisation; LDM Sec. 4.3.2
+        return model.normalize_latents(posterior.sample(generator))        # VAE reparametrisation; LDM Sec. 4.3.2
+
+
+def fmt_latent(value):
+    """A latent shift or scale for the console: one number, or one per channel."""
+    return f"{value:.4f}" if isinstance(value, float) else "(" + ", ".join(f"{v:.3f}" for v in value) + ")"
 
 
 def _pyplot():
@@ -647,6 +656,7 @@ def resume_autoencoder(run, model, opt, disc, disc_opt, checkpoint):
     model.autoencoder.load_state_dict(checkpoint["autoencoder"])
     if checkpoint["stage"] > 1:
         model.scale_factor = checkpoint["scale_factor"]
+        model.latent_shift = checkpoint.get("latent_shift", 0.0)
         return run.cfg.ae_steps
     opt.load_state_dict(checkpoint["ae_opt"])
     if disc:
@@ -657,7 +667,7 @@ def resume_autoencoder(run, model, opt, disc, disc_opt, checkpoint):
 
 def train_autoencoder(run, model, train_images, val_images, checkpoint):
     """Stage 1: the autoencoder (reconstruction + KL, optional patch GAN); then its validation PSNR and
-    the latent scale factor, into run.metrics and model.scale_factor."""
+    the latent shift and scale, into run.metrics, model.latent_shift and model.scale_factor."""
     cfg, device, timer = run.cfg, run.device, time.time()
     ae, ae_cfg = model.autoencoder, model.autoencoder_cfg
     ae_train = run.parallel(ae)
@@ -717,15 +727,18 @@ def train_autoencoder(run, model, train_images, val_images, checkpoint):
                            for i in range(0, len(val_images), 256)]).float().clamp(-1, 1)
     mse = ((recon - to_float(val_images)) / 2).pow(2).flatten(1).mean(1)       # per image, [0, 1] range
     run.metrics["autoencoder_psnr_db"] = float((-10 * torch.log10(mse.clamp(min=1e-10))).mean())
-    if start < cfg.ae_steps:  # a fresh stage 1: the scale from a first batch of latents (scale_by_std)
+    if start < cfg.ae_steps:  # a fresh stage 1: shift and scale from a first batch of latents (scale_by_std)
         with torch.no_grad(), autocast(device):
             z = ae.encode(to_float(train_images[:512])).sample(step_generator(run.generator, cfg, 2, 0, 0))
-        model.scale_factor = latent_scale_factor(z.float())
-    run.metrics["scale_factor"] = model.scale_factor
+        if cfg.latent_norm == "channel":  # z0 = (z − μ_c) / σ_c per channel
+            model.latent_shift, model.scale_factor = latent_channel_stats(z.float())
+        else:                             # z0 = z / σ, one σ over all values
+            model.latent_shift, model.scale_factor = 0.0, latent_scale_factor(z.float())
+    run.metrics["scale_factor"], run.metrics["latent_shift"] = model.scale_factor, model.latent_shift
     run.metrics["time_autoencoder_s"] = time.time() - timer
     if run.main_process:
         print(f"autoencoder: validation PSNR {run.metrics['autoencoder_psnr_db']:.2f} dB, "
-              f"latent scale factor {model.scale_factor:.4f}")
+              f"latent shift {fmt_latent(model.latent_shift)}, scale {fmt_latent(model.scale_factor)}")
         pairs = torch.stack([val_images[:16].cpu(), to_uint8(recon[:16]).cpu()], 1).flatten(0, 1)  # (32, 3, H, W)
         save_grid(pairs, ["original", "reconstruction"] * 16, run.dir / "reconstructions.png", cols=8)
 
@@ -777,7 +790,8 @@ def train_diffusion(run, model, latents, prompts, checkpoint):
 
     def state(step):  # a stage-3 checkpoint: all a resume needs, stage 1's result included
         return {"stage": 3, "step": step, "autoencoder": model.autoencoder.state_dict(),
-                "scale_factor": model.scale_factor, "text_encoder": model.text_encoder.state_dict(),
+                "scale_factor": model.scale_factor, "latent_shift": model.latent_shift,
+                "text_encoder": model.text_encoder.state_dict(),
                 "unet": model.unet.state_dict(), "ema_text_encoder": ema.text_encoder.state_dict(),
                 "ema_unet": ema.unet.state_dict(), "opt": opt.state_dict(),
                 **({"final_loss": run.metrics["final_loss"]} if "final_loss" in run.metrics else {})}
@@ -793,7 +807,7 @@ def train_diffusion(run, model, latents, prompts, checkpoint):
         # 1. batch: cached images drawn with the generator of (stage 3, step, rank), a fresh z0 of each
         generator = step_generator(run.generator, cfg, 3, step, run.rank)
         idx = torch.randint(len(latents.mean), (cfg.batch_size,), generator=generator, device=device)
-        z0 = latents.sample_z0(idx, model.scale_factor, generator)              # (B, z, h, w)
+        z0 = latents.sample_z0(idx, model, generator)                           # (B, z, h, w)
         # 2. learning rate: linear warm-up, then cosine
         lr = learning_rate(step, cfg.lr, cfg.warmup, cfg.steps)
         for group in opt.param_groups:
@@ -848,7 +862,7 @@ def train_classifier(run, model, latents, train_set, val_set, val_images):
         # 1. batch: single-object images drawn with the generator of (stage 4, step, rank), a fresh z0 of each
         generator = step_generator(run.generator, cfg, 4, step, run.rank)
         j = torch.randint(len(keep), (cfg.batch_size,), generator=generator, device=device)
-        z0 = latents.sample_z0(keep[j], model.scale_factor, generator)         # (B, z, h, w)
+        z0 = latents.sample_z0(keep[j], model, generator)                      # (B, z, h, w)
         # 2. learning rate: warm-up over the first 5 % of the steps, then cosine
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, cfg.classifier_lr, cfg.classifier_steps // 20, cfg.classifier_steps)
@@ -869,8 +883,8 @@ def train_classifier(run, model, latents, train_set, val_set, val_images):
     # accuracy on noisy validation latents, by timestep: it falls as t grows
     val_labels, val_keep = labels_from_scenes(val_set.scenes)
     with torch.no_grad(), autocast(device):
-        z_val = torch.cat([model.autoencoder.encode(to_float(val_images[chunk.to(device)])).mode() for chunk in
-                           val_keep.split(512)]).float() * model.scale_factor  # (M, z, h, w)
+        z_val = model.normalize_latents(torch.cat([model.autoencoder.encode(to_float(val_images[chunk.to(device)])).mode()
+                                                   for chunk in val_keep.split(512)]).float())  # (M, z, h, w)
         by_t = accuracy_by_timestep(classifier, model.schedule, z_val, val_labels.to(device), t_bins=10,
                                     generator=step_generator(run.generator, cfg, 4, cfg.classifier_steps, 0))
     run.metrics["classifier_accuracy_by_t"] = by_t

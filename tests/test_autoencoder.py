@@ -22,6 +22,7 @@ from tinyldm.autoencoder import (
     generator_adv_loss,
     hinge_d_loss,
     kl_loss,
+    latent_channel_stats,
     latent_scale_factor,
     reconstruction_loss,
 )
@@ -339,6 +340,27 @@ def test_latent_scale_factor_gives_unit_std():
         latent_scale_factor(torch.full((2, 4, 4, 4), 0.3))
     with pytest.raises(ValueError, match="std"):
         latent_scale_factor(torch.tensor([[1.0, float("nan")]]))
+
+
+def test_latent_channel_stats_standardise_each_channel():
+    """(z − μ_c)·scale_c has mean 0 and std 1 in every channel, whatever each channel's own offset and
+    spread; one global scale would leave the offsets (the reason for the per-channel statistics)."""
+    g = torch.Generator().manual_seed(0)
+    offset, spread = torch.tensor([0.0, -1.6, 0.3, 2.0]), torch.tensor([0.4, 1.1, 0.5, 3.0])
+    z = torch.randn(64, 4, 8, 8, generator=g) * spread.view(1, 4, 1, 1) + offset.view(1, 4, 1, 1)
+    shift, scale = latent_channel_stats(z)
+    assert len(shift) == len(scale) == 4 and all(isinstance(v, float) for v in shift + scale)
+    z0 = (z - torch.tensor(shift).view(1, 4, 1, 1)) * torch.tensor(scale).view(1, 4, 1, 1)
+    per_channel = z0.transpose(0, 1).flatten(1)                           # (4, N·h·w)
+    torch.testing.assert_close(per_channel.mean(1), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(per_channel.std(1), torch.ones(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(shift), z.mean(dim=(0, 2, 3)), atol=1e-5, rtol=0)  # the offsets removed
+    global_z0 = z * latent_scale_factor(z)
+    assert global_z0.mean(dim=(0, 2, 3)).abs().max() > 0.3                  # what one scale leaves behind
+    with pytest.raises(ValueError, match="std"):
+        latent_channel_stats(torch.cat([z[:, :3], torch.full((64, 1, 8, 8), 0.5)], 1))  # a constant channel
+    with pytest.raises(ValueError, match=r"\(N, C, h, w\)"):
+        latent_channel_stats(z.flatten(2))
 
 
 def test_config_json_round_trip():

@@ -66,6 +66,42 @@ def test_scale_factor_multiplies_latents():
     assert torch.allclose(model.decode_latents(0.7 * z), model.autoencoder.decode(z).clamp(-1, 1), atol=1e-5)
 
 
+def test_per_channel_shift_and_scale():
+    """z0 = (z − μ_c)·s_c per channel, decode_latents undoes it, and both survive save/load as lists."""
+    model = tiny_model()
+    model.latent_shift, model.scale_factor = [0.5, -1.0, 0.0, 2.0], [1.0, 0.5, 2.0, 0.25]
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    z = model.autoencoder.encode(x).mode()                                 # (2, 4, 4, 4)
+    z0 = model.encode_images(x, sample=False)
+    for c in range(4):
+        torch.testing.assert_close(z0[:, c], (z[:, c] - model.latent_shift[c]) * model.scale_factor[c])
+    torch.testing.assert_close(model.denormalize_latents(z0), z, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.decode_latents(z0), model.autoencoder.decode(z).clamp(-1, 1), atol=1e-5, rtol=0)
+    assert model.normalize_latents(z.double()).dtype == torch.float64      # the constants follow z's dtype
+
+
+def test_shift_and_scale_are_checked_and_saved(tmp_path):
+    """A per-channel list has one entry per latent channel and positive scales; model.json keeps lists as
+    lists, and a model.json written before the shift existed loads with shift 0."""
+    model = tiny_model()
+    args = (model.tokenizer, model.text_cfg, model.autoencoder_cfg, model.unet_cfg, model.diffusion_cfg, 16)
+    with pytest.raises(ValueError, match="scale_factor has 3 entries"):
+        LatentDiffusion(*args, scale_factor=[1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="scale_factor must be > 0"):
+        LatentDiffusion(*args, scale_factor=[1.0, 1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="latent_shift must be finite"):
+        LatentDiffusion(*args, latent_shift=float("nan"))
+    model = LatentDiffusion(*args, scale_factor=[1.0, 0.5, 2.0, 0.25], latent_shift=[0.5, -1.0, 0.0, 2.0])
+    model.save(tmp_path)
+    saved = json.loads((tmp_path / "model.json").read_text())
+    assert saved["scale_factor"] == [1.0, 0.5, 2.0, 0.25] and saved["latent_shift"] == [0.5, -1.0, 0.0, 2.0]
+    loaded = LatentDiffusion.load(tmp_path)
+    assert loaded.scale_factor == model.scale_factor and loaded.latent_shift == model.latent_shift
+    del saved["latent_shift"]
+    (tmp_path / "model.json").write_text(json.dumps(saved))
+    assert LatentDiffusion.load(tmp_path).latent_shift == 0.0
+
+
 def test_caption_dropout_rate():
     """drop_captions replaces a row by the empty prompt with probability p_uncond (CFG Sec. 3.2)."""
     model = tiny_model(p_uncond=0.3)

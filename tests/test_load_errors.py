@@ -86,6 +86,14 @@ def _drop_image_size(cfg):
     del cfg["image_size"]
 
 
+def _scale_per_channel_too_short(cfg):
+    cfg["scale_factor"] = [1.0, 1.0, 1.0]  # the latents have 4 channels
+
+
+def _shift_not_a_number(cfg):
+    cfg["latent_shift"] = "0.1"
+
+
 def _bad_value(cfg):
     cfg["unet"]["num_heads"] = 5  # does not divide the widths: the U-Net's own check says so
 
@@ -96,6 +104,9 @@ MODEL_JSON_DAMAGE = {
     "unknown top-level key": (_unknown_top_key, r"unknown key\(s\) extra"),
     "missing image size": (_drop_image_size, r"'image_size' must be a number, got 'nothing'"),
     "impossible value": (_bad_value, r"num_heads"),
+    "scale of the wrong length": (_scale_per_channel_too_short, r"scale_factor has 3 entries, the autoencoder "
+                                                                r"has 4 latent channels"),
+    "shift not a number": (_shift_not_a_number, r"'latent_shift' must be a number or a list of numbers, got '0.1'"),
 }
 
 

@@ -393,6 +393,25 @@ def latent_scale_factor(z: torch.Tensor) -> float:
     return 1.0 / std
 
 
+@torch.no_grad()
+def latent_channel_stats(z: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel shift μ_c and scale 1/σ_c of latents z (N, C, h, w): z0 = (z − μ_c) / σ_c has zero
+    mean and unit variance in every channel.
+
+    One global scale (latent_scale_factor) leaves each channel's mean in z0: an offset the encoder puts
+    in a channel is counted as signal, the scale comes out small, and the object's own variation ends
+    up small next to the unit noise. Standardising each channel removes the offsets first (the
+    per-channel `latents_mean` / `latents_std` of later latent diffusion models)."""
+    if z.dim() != 4:
+        raise ValueError(f"latents must be (N, C, h, w), got shape {tuple(z.shape)}")
+    per_channel = z.detach().double().transpose(0, 1).flatten(1)         # (C, N·h·w), float64
+    mean, std = per_channel.mean(1), per_channel.std(1)                   # μ_c, σ_c   (C,) each
+    if not (torch.isfinite(std).all() and std.min() > 1e-8):
+        raise ValueError(f"cannot standardise latents: per-channel std {[round(float(s), 6) for s in std]} "
+                         f"(need every channel finite and not constant; got {z.numel()} values)")
+    return mean.tolist(), (1.0 / std).tolist()
+
+
 # ----------------------------------------------------------------------------------------------
 # The full check, for the code a user calls (LatentDiffusion); the modules above only assert
 

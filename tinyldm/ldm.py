@@ -1,20 +1,21 @@
 """LatentDiffusion: the four components wired together (LDM paper, Sec. 3 and Fig. 3).
 
   caption ──tokenizer──► ids, mask ──TextEncoder──► c (B, L, d) ────────────────┐ cross-attention
-  image x ──Encoder──► q(z|x) ──sample · scale──► z0 ──q_sample──► z_t ──► UNet ──► ε̂
-  sampling: z_T ~ N(0, I) ─► DDPM/DDIM with guidance ─► z0 ─► / scale ─► Decoder ─► image
+  image x ──Encoder──► q(z|x) ──sample, (z − shift)·scale──► z0 ──q_sample──► z_t ──► UNet ──► ε̂
+  sampling: z_T ~ N(0, I) ─► DDPM/DDIM with guidance ─► z0 ─► z0/scale + shift ─► Decoder ─► image
 
 This is the only file that knows all four components, and it knows nothing else: no dataset, no
 classifier (classifier guidance comes in as a gradient function, see `generate`). It never picks a
 device: everything runs where the model's parameters are (move the model with `.to(device)`).
 
-A run folder holds `model.json` (every config, the latent scale factor), `tokenizer.json` and
+A run folder holds `model.json` (every config, the latent shift and scale), `tokenizer.json` and
 `model.pt` (state dicts only, loaded with `torch.load(weights_only=True)`); other files may sit beside
 them (logs, plots, a classifier's own classifier.json and classifier.pt) and are not read here. A file
 that is there but broken is a RunFolderError whose one line names the file and what is wrong.
 """
 
 import json
+import math
 import os
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -36,7 +37,7 @@ class LatentDiffusion(nn.Module):
     """Tokenizer + text encoder τ_θ + autoencoder (E, D) + U-Net ε_θ + noise schedule."""
 
     def __init__(self, tokenizer, text_cfg, autoencoder_cfg, unet_cfg, diffusion_cfg, image_size,
-                 scale_factor=1.0):
+                 scale_factor=1.0, latent_shift=0.0):
         super().__init__()
         # The boundary a user calls: every component's config is checked here, with what to change.
         check_text_encoder_config(text_cfg)
@@ -56,7 +57,12 @@ class LatentDiffusion(nn.Module):
                                    diffusion_cfg.beta_start, diffusion_cfg.beta_end)
         self.schedule = NoiseSchedule(betas)
         self.image_size = int(image_size)  # H = W of the images the autoencoder works at
-        self.scale_factor = float(scale_factor)  # LDM Sec. 4.3.2 / App. G: z = scale · E(x), unit variance
+        # z0 = (z − shift) · scale, so that the diffusion model sees unit-variance latents (LDM Sec. 4.3.2,
+        # App. G). Each is one number (CompVis' scale_by_std, shift 0) or one per latent channel.
+        self.scale_factor = latent_constant(scale_factor, autoencoder_cfg.z_channels, "scale_factor")
+        self.latent_shift = latent_constant(latent_shift, autoencoder_cfg.z_channels, "latent_shift")
+        if min(torch.tensor(self.scale_factor).view(-1)) <= 0:
+            raise ValueError(f"scale_factor must be > 0, got {self.scale_factor}")
 
     @property
     def device(self):
@@ -69,12 +75,29 @@ class LatentDiffusion(nn.Module):
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents z0 (B, z, H/f, W/f)."""
         posterior = self.autoencoder.encode(images)
         z = posterior.sample(generator) if sample else posterior.mode()
-        return z * self.scale_factor                                       # z0 = scale · z
+        return self.normalize_latents(z)
+
+    def normalize_latents(self, z):
+        """Autoencoder latents z (B, z, h, w) -> diffusion latents z0 = (z − shift) · scale."""
+        shift, scale = self._per_channel(self.latent_shift, z), self._per_channel(self.scale_factor, z)
+        return (z - shift) * scale                                          # (B, z, h, w)
+
+    def denormalize_latents(self, z0):
+        """Diffusion latents z0 (B, z, h, w) -> autoencoder latents z = z0 / scale + shift."""
+        shift, scale = self._per_channel(self.latent_shift, z0), self._per_channel(self.scale_factor, z0)
+        return z0 / scale + shift                                           # (B, z, h, w)
+
+    @staticmethod
+    def _per_channel(value, z):
+        """A number, or a list of one number per channel as a (1, z, 1, 1) tensor like z."""
+        if isinstance(value, list):
+            return torch.tensor(value, dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
+        return value
 
     @torch.no_grad()
     def decode_latents(self, z0):
         """Scaled latents z0 -> images (B, 3, H, W), clamped to [-1, 1]."""
-        return self.autoencoder.decode(z0 / self.scale_factor).clamp(-1, 1)
+        return self.autoencoder.decode(self.denormalize_latents(z0)).clamp(-1, 1)
 
     def tokenize(self, prompts):
         """Prompts -> (ids, mask) on the model's device, padded to the encoder's max_length."""
@@ -179,7 +202,8 @@ class LatentDiffusion(nn.Module):
     def config(self):
         return {"text_encoder": asdict(self.text_cfg), "autoencoder": asdict(self.autoencoder_cfg),
                 "unet": asdict(self.unet_cfg), "diffusion": asdict(self.diffusion_cfg),
-                "scale_factor": self.scale_factor, "image_size": self.image_size}
+                "scale_factor": self.scale_factor, "latent_shift": self.latent_shift,
+                "image_size": self.image_size}
 
     def save(self, run_dir):
         """Write model.json, tokenizer.json and model.pt into run_dir, each atomically."""
@@ -211,12 +235,18 @@ class LatentDiffusion(nn.Module):
         configs = {key: config_from_json(kind, cfg, key, model_json) for key, kind in (
             ("text_encoder", TextEncoderConfig), ("autoencoder", AutoencoderConfig), ("unet", UNetConfig),
             ("diffusion", DiffusionConfig))}
-        unknown = sorted(set(cfg) - set(configs) - {"image_size", "scale_factor", "classifier"})
+        unknown = sorted(set(cfg) - set(configs) - {"image_size", "scale_factor", "latent_shift", "classifier"})
         if unknown:  # "classifier": run folders saved before the classifier had its own files
             raise RunFolderError(f"{model_json}: unknown key(s) {', '.join(unknown)}")
-        for key in ("image_size", "scale_factor"):
-            if type(cfg.get(key)) not in (int, float):
-                raise RunFolderError(f"{model_json}: {key!r} must be a number, got {cfg.get(key, 'nothing')!r}")
+        if type(cfg.get("image_size")) not in (int, float):
+            raise RunFolderError(f"{model_json}: 'image_size' must be a number, got {cfg.get('image_size', 'nothing')!r}")
+        cfg.setdefault("latent_shift", 0.0)  # run folders saved before latents were shifted
+        for key in ("scale_factor", "latent_shift"):
+            value = cfg.get(key)
+            if not (type(value) in (int, float) or (type(value) is list and value
+                                                    and all(type(v) in (int, float) for v in value))):
+                raise RunFolderError(f"{model_json}: {key!r} must be a number or a list of numbers, "
+                                     f"got {cfg.get(key, 'nothing')!r}")
         try:
             tokenizer = load_tokenizer(run_dir / "tokenizer.json")
         except ValueError as e:
@@ -226,13 +256,24 @@ class LatentDiffusion(nn.Module):
                                  f"text encoder's vocab_size {configs['text_encoder'].vocab_size} in model.json: "
                                  "the two files come from different runs")
         try:
-            model = cls(tokenizer, *configs.values(), cfg["image_size"], cfg["scale_factor"])
+            model = cls(tokenizer, *configs.values(), cfg["image_size"], cfg["scale_factor"], cfg["latent_shift"])
         except (ValueError, TypeError) as e:  # the configs' own checks, e.g. a U-Net width it cannot build
             raise RunFolderError(f"{model_json}: {e}") from None
         state = load_weights(run_dir / "model.pt", map_location)
         for name in ("text_encoder", "autoencoder", "unet"):
             load_state_into(getattr(model, name), state, name, run_dir / "model.pt")
         return model.eval()
+
+
+def latent_constant(value, channels, name):
+    """A latent shift or scale as stored: a float, or a list of `channels` floats; ValueError otherwise."""
+    per_channel = isinstance(value, (list, tuple))
+    if per_channel and len(value) != channels:
+        raise ValueError(f"{name} has {len(value)} entries, the autoencoder has {channels} latent channels")
+    values = [float(v) for v in value] if per_channel else [float(value)]
+    if not all(map(math.isfinite, values)):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return values if per_channel else values[0]
 
 
 class RunFolderError(ValueError):
