@@ -61,6 +61,77 @@ def sample(args):
     print(f"wrote {args.out}")
 
 
+def edit(args):
+    """img2img and inpaint: edit one PNG with a prompt and a trained run; the results side by side in one PNG."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from tinyldm.data import to_float, to_uint8
+
+    _check_edit_args(args)  # every argument, the input files and the output path, before the run is loaded
+    image = _read_png("--image", args.image, "RGB")                        # (H, W, 3) uint8
+    mask = None
+    if args.command == "inpaint":
+        mask = _read_png("--mask", args.mask, "L")                         # (H, W) uint8
+        if mask.shape != image.shape[:2]:
+            raise SystemExit(f"error: --mask {args.mask} is {mask.shape[1]}×{mask.shape[0]} pixels, the image "
+                             f"{image.shape[1]}×{image.shape[0]}")
+        if not np.isin(mask, (0, 255)).all():
+            raise SystemExit(f"error: --mask {args.mask} is not binary: every pixel must be black (0, keep) or "
+                             "white (255, repaint)")
+    model, device = _load_run(args)
+    S = model.image_size
+    if image.shape[:2] != (S, S):
+        raise SystemExit(f"error: --image {args.image} is {image.shape[1]}×{image.shape[0]} pixels; this run's model "
+                         f"works at {S}×{S} (resize it first)")
+    x = to_float(torch.from_numpy(image).permute(2, 0, 1))[None].repeat(args.num_images, 1, 1, 1)  # (N, 3, S, S)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    common = dict(steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta, generator=generator,
+                  progress=True)
+    with autocast(device):
+        try:
+            if mask is None:
+                images = model.img2img(x.to(device), args.prompt, strength=args.strength, **common)
+            else:
+                masks = torch.from_numpy(mask == 255)[None].repeat(args.num_images, 1, 1)  # (N, S, S) bool
+                images = model.inpaint(x.to(device), masks.to(device), args.prompt, resample=args.resample, **common)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+    strip = to_uint8(images).permute(2, 0, 3, 1).reshape(S, -1, 3)       # (S, N·S, 3): the N results in a row
+    Image.fromarray(strip.cpu().numpy()).save(args.out)
+    print(f"wrote {args.out}")
+
+
+def _check_edit_args(args):
+    """Exit with a one-line error for any bad argument of img2img or inpaint."""
+    _check_text("the prompt", args.prompt)
+    _check_at_least(args, "num_images", 1)
+    _check_at_least(args, "steps", 1)
+    _check_guidance_scale("--guidance-scale", args.guidance_scale)
+    if not 0 <= args.eta <= 1:
+        raise SystemExit(f"error: --eta must be in [0, 1] (0 deterministic DDIM, 1 DDPM-like), got {args.eta}")
+    if args.command == "img2img" and not 0 < args.strength <= 1:  # also refuses nan
+        raise SystemExit(f"error: --strength must be in (0, 1] (small keeps the image, 1 forgets it), got {args.strength}")
+    if args.command == "inpaint":
+        _check_at_least(args, "resample", 1, " (1 = no resampling)")
+    _check_out("--out", args.out, (".png",))
+
+
+def _read_png(flag, path, mode):
+    """An image file as a uint8 array, (H, W, 3) for mode "RGB" or (H, W) for "L"; a one-line error otherwise."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise SystemExit(f"error: {flag} {path}: no such file")
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert(mode), dtype=np.uint8)  # a copy: torch wants a writable array
+    except (UnidentifiedImageError, OSError) as e:
+        raise SystemExit(f"error: {flag} {path}: not a readable image ({e})")
+
+
 def _check_sample_args(args):
     """Exit with a one-line error for any bad argument of `sample`; the classifier target (None without
     classifier guidance) parsed, so that nothing fails after minutes of sampling."""
@@ -381,6 +452,27 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.set_defaults(run_command=sample)
+
+    for name, help_text in (("img2img", "edit an image with a prompt (SDEdit): noise it to --strength, then denoise"),
+                            ("inpaint", "repaint the white region of --mask with a prompt, keep the rest (RePaint)")):
+        p = commands.add_parser(name, help=help_text)
+        p.add_argument("prompt", help='what the result should show, e.g. "a blue square"')
+        p.add_argument("--run", required=True, help="run folder written by train_small.py (runs/NAME)")
+        p.add_argument("--image", required=True, help="input PNG at the model's size (e.g. 32×32 for runs/cpu)")
+        if name == "img2img":
+            p.add_argument("--strength", type=float, default=0.6,
+                           help="in (0, 1]: how far to noise the image (small keeps it, 1 forgets it)")
+        else:
+            p.add_argument("--mask", required=True, help="PNG of the image's size: white (255) repaint, black (0) keep")
+            p.add_argument("--resample", type=int, default=1, help="RePaint resampling: runs per step (1 = none)")
+        p.add_argument("--out", default=f"{name}.png", help="output PNG: the results side by side; its folder must exist")
+        p.add_argument("--num-images", type=int, default=1, help="results, each from its own noise")
+        p.add_argument("--steps", type=int, default=50, help="DDIM steps (img2img runs those at or below its strength)")
+        p.add_argument("--eta", type=float, default=0.0, help="DDIM η in [0, 1]")
+        p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale s in [0, 100]")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+        p.set_defaults(run_command=edit)
 
     p = commands.add_parser("evaluate", help="caption fidelity, guidance/sampler sweeps, reconstruction PSNR")
     p.add_argument("--run", required=True, help="run folder written by train_small.py (runs/NAME)")

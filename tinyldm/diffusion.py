@@ -38,7 +38,7 @@ Glossary (code name: symbol: meaning, with the equation that defines it)
 
 import math
 from dataclasses import dataclass
-from numbers import Integral
+from numbers import Integral, Real
 
 import torch
 import torch.nn as nn
@@ -346,6 +346,24 @@ def classifier_guidance(schedule, eps, t, grad_log_p, scale):
     # END ASSIGNMENT 3
 
 
+def scale_is(scale, value):
+    """True when a guidance scale, a number or a tensor of per-sample scales, equals `value` everywhere."""
+    return bool((torch.as_tensor(scale) == value).all())
+
+
+def scale_per_sample(scale, x):
+    """A guidance scale as given (a number), or a tensor of per-sample scales (B,) shaped (B, 1, ..., 1) to
+    broadcast against x (B, ...): one sampler call then sweeps the scale across its batch."""
+    if not torch.is_tensor(scale):
+        return scale
+    if scale.ndim == 0:
+        return scale.to(device=x.device, dtype=x.dtype)
+    if tuple(scale.shape) != (x.shape[0],):
+        raise ValueError(f"a tensor of guidance scales must have shape ({x.shape[0]},), one per sample; "
+                         f"got {tuple(scale.shape)}")
+    return scale.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.ndim - 1)))  # (B, 1, ..., 1)
+
+
 def make_guided_eps(model, schedule, context=None, uncond_context=None, guidance_scale=1.0,
                     classifier_grad=None, classifier_scale=0.0, prediction="eps"):
     """The ε the samplers step with, as one function eps_fn(x_t, t) of the state and the (python int) step.
@@ -353,7 +371,8 @@ def make_guided_eps(model, schedule, context=None, uncond_context=None, guidance
     model(x_t, t, context) -> ε (or v if prediction == "v"), t a LongTensor (B,); `context` and
     `uncond_context` (c and c_u) are passed through untouched. CFG runs when uncond_context is given and
     guidance_scale s != 1; classifier guidance when classifier_grad(x_t, t) -> ∇_{x_t} log p(y|x_t) is given
-    and classifier_scale γ != 0 (it runs with grad enabled, inside the samplers' no_grad).
+    and classifier_scale γ != 0 (it runs with grad enabled, inside the samplers' no_grad). Either scale may
+    be a number or a tensor (B,) of one scale per sample (scale_per_sample).
     """
     _check_prediction(prediction)
 
@@ -366,14 +385,15 @@ def make_guided_eps(model, schedule, context=None, uncond_context=None, guidance
         # 1. the model's noise prediction for the prompt, ε(x_t, c)
         eps = model_eps(x_t, t, t_batch, context)
         # 2. classifier-free guidance with the empty prompt's ε(x_t, c_u): ε̃ = ε_u + s·(ε_c − ε_u)
-        if uncond_context is not None and guidance_scale != 1:
+        if uncond_context is not None and not scale_is(guidance_scale, 1):
             eps_uncond = model_eps(x_t, t, t_batch, uncond_context)
-            eps = classifier_free_guidance(eps, eps_uncond, guidance_scale)  # CFG Eq. 6
+            eps = classifier_free_guidance(eps, eps_uncond, scale_per_sample(guidance_scale, eps))  # CFG Eq. 6
         # 3. classifier guidance with the classifier's ∇_{x_t} log p(y|x_t): ε̂ = ε̃ − γ·√(1−ᾱ_t)·∇
-        if classifier_grad is not None and classifier_scale != 0:
+        if classifier_grad is not None and not scale_is(classifier_scale, 0):
             with torch.enable_grad():
                 grad_log_p = classifier_grad(x_t.detach(), t_batch)  # ∇_{x_t} log p(y|x_t)
-            eps = classifier_guidance(schedule, eps, t, grad_log_p.detach(), classifier_scale)  # Guided Eq. 14
+            eps = classifier_guidance(schedule, eps, t, grad_log_p.detach(),
+                                      scale_per_sample(classifier_scale, eps))  # Guided Eq. 14
         return eps
 
     return eps_fn
@@ -393,6 +413,24 @@ def ddim_timesteps(T, steps):
     if steps == 1:
         return [T - 1]
     return [((T - 1) * (steps - 1 - i) * 2 + (steps - 1)) // (2 * (steps - 1)) for i in range(steps)]
+
+
+def sdedit_timesteps(T, steps, strength):
+    """The DDIM steps an image-to-image edit of strength s ∈ (0, 1] runs (SDEdit Sec. 3, on DDIM's sub-sequence).
+
+    t0 = round(s·T) − 1 (rounded half up, and at least 0: code step t0 is the paper's s·T), then every τ of
+    ddim_timesteps(T, steps) with τ ≤ t0, in the same descending order. The edit starts at the first of them,
+    so the strength is quantised to the DDIM grid (as diffusers does) and s = 1 runs all of them.
+    E.g. T=1000, steps=5 gives [999, 749, 500, 250, 0]; s = 0.6: t0 = 599, the edit runs [500, 250, 0].
+    """
+    if isinstance(strength, bool) or not isinstance(strength, Real) or not 0 < strength <= 1:
+        raise ValueError(f"strength must be a number in (0, 1] (1 = start from pure noise), got {strength!r}")
+    t0 = max(math.floor(strength * T + 0.5), 1) - 1  # SDEdit: t0 = s·T in paper steps, code step t0 − 1
+    timesteps = [t for t in ddim_timesteps(T, steps) if t <= t0]
+    if not timesteps:
+        raise ValueError(f"strength {strength} with {steps} DDIM step(s) runs no step: the DDIM timesteps "
+                         f"{ddim_timesteps(T, steps)} all lie above t0 = {t0}; take more steps or a larger strength")
+    return timesteps
 
 
 def _initial_noise(schedule, shape, generator, x_T):

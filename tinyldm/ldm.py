@@ -17,15 +17,18 @@ that is there but broken is a RunFolderError whose one line names the file and w
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tinyldm.autoencoder import Autoencoder, AutoencoderConfig, check_autoencoder_config
-from tinyldm.diffusion import (DiffusionConfig, NoiseSchedule, ddim_sample, ddpm_sample, diffusion_loss,
-                               make_beta_schedule, make_guided_eps, training_timesteps)
+from tinyldm.diffusion import (DiffusionConfig, NoiseSchedule, _progress, ddim_sample, ddim_timesteps, ddpm_sample,
+                               diffusion_loss, make_beta_schedule, make_guided_eps, scale_is, sdedit_timesteps,
+                               training_timesteps)
 from tinyldm.text_encoder import (BOS, PAD, TextEncoder, TextEncoderConfig, check_text_encoder_config, load_tokenizer,
                                   tokenize)
 from tinyldm.unet import UNet, UNetConfig, check_unet_config
@@ -63,6 +66,9 @@ class LatentDiffusion(nn.Module):
         self.latent_shift = latent_constant(latent_shift, autoencoder_cfg.z_channels, "latent_shift")
         if min(torch.tensor(self.scale_factor).view(-1)) <= 0:
             raise ValueError(f"scale_factor must be > 0, got {self.scale_factor}")
+        # with UNet.keep_attention_weights(True), the cross-attention weights of a sampler's last U-Net call
+        # per CFG pass: {"cond": {layer: (B, heads, HW, L)}, "uncond": {...}} (see _unet_output_by_pass)
+        self.attention_weights = {}
 
     @property
     def device(self):
@@ -163,39 +169,224 @@ class LatentDiffusion(nn.Module):
         guidance_scale s: ε̃ = ε(c_u) + s·(ε(c) − ε(c_u)), c_u the empty prompt's context (s = 1: none).
         classifier_grad(z_t, t) -> ∇_{z_t} log p(y|z_t) with classifier_scale γ: classifier guidance,
         ε̂ = ε̃ − γ·√(1−ᾱ_t)·∇ log p(y|z_t) (e.g. classifier.make_classifier_grad for the Shapes classifier).
+        Either scale may be a tensor (B,), one scale per prompt: one call then sweeps the scale.
         generator: a torch.Generator on the model's device, for reproducible samples.
         x_T: the starting noise (B, z, h, w) instead of a draw from `generator` (moved to the model's
         device); with DDIM, eta 0, the images then depend only on x_T and the prompts.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        if classifier_scale != 0 and classifier_grad is None:
-            raise ValueError("classifier guidance (classifier_scale != 0) needs a classifier_grad(z_t, t), "
-                             "e.g. classifier.make_classifier_grad(classifier, targets)")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        H = self.image_size // self.autoencoder_cfg.downsample_factor
-        shape = (len(prompts), self.unet_cfg.in_channels, H, H)            # (B, z, h, w)
+        self._check_scales(len(prompts), guidance_scale, classifier_grad, classifier_scale)
+        shape = (len(prompts), *self.latent_shape)                         # (B, z, h, w)
         x_T = None if x_T is None else x_T.to(self.device)
-        was_training = self.training
-        self.eval()
-        try:
-            # 1. the prompts' contexts c, and the empty prompt's c_u when CFG needs it   LDM Eq. 3: c = τ_θ(y)
-            cond = self.encode_text(prompts)
-            uncond = self.encode_text([""] * len(prompts)) if guidance_scale != 1 else None
-            # 2. the guided noise prediction ε̃(z_t, t)
-            eps_fn = make_guided_eps(self.unet_output, self.schedule, cond, uncond, guidance_scale,
-                                     classifier_grad, classifier_scale, self.diffusion_cfg.prediction)
+        with self._evaluating():
+            # 1–2. the prompts' contexts and the guided noise prediction ε̃(z_t, t)
+            eps_fn = self._guided_eps(prompts, guidance_scale, classifier_grad, classifier_scale)
             # 3. the reverse process in latent space, z_T ~ N(0, I) → z0
             run = dict(generator=generator, x_T=x_T, progress=progress, callback=callback)
             if sampler == "ddim":
                 z0 = ddim_sample(eps_fn, self.schedule, shape, steps=steps, eta=eta, **run)
             else:
                 z0 = ddpm_sample(eps_fn, self.schedule, shape, **run)
-        finally:
-            self.train(was_training)  # also after an error or Ctrl-C: training code keeps its mode
         # 4. back to pixels   LDM Sec. 3: x̃ = D(z0 / scale)
         images = self.decode_latents(z0)
         return (images, z0) if return_latents else images
+
+    @property
+    def latent_shape(self):
+        """(z, h, w): the shape of one latent, h = w = image_size / f."""
+        h = self.image_size // self.autoencoder_cfg.downsample_factor
+        return (self.unet_cfg.in_channels, h, h)
+
+    @contextmanager
+    def _evaluating(self):
+        """Sample in eval mode, then give back the mode the model had, also after an error or Ctrl-C."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
+    def _check_scales(self, B, guidance_scale, classifier_grad, classifier_scale):
+        """A guidance scale is a number or a tensor (B,); classifier guidance needs its gradient function."""
+        for name, scale in (("guidance_scale", guidance_scale), ("classifier_scale", classifier_scale)):
+            if torch.is_tensor(scale) and scale.ndim > 0 and tuple(scale.shape) != (B,):
+                raise ValueError(f"{name} as a tensor must have shape ({B},), one scale per prompt; "
+                                 f"got {tuple(scale.shape)}")
+        if not scale_is(classifier_scale, 0) and classifier_grad is None:
+            raise ValueError("classifier guidance (classifier_scale != 0) needs a classifier_grad(z_t, t), "
+                             "e.g. classifier.make_classifier_grad(classifier, targets)")
+
+    def _guided_eps(self, prompts, guidance_scale, classifier_grad, classifier_scale):
+        """Steps 1–2 of every sampler here: the contexts, and the guided noise prediction ε̃(z_t, t)."""
+        # 1. the prompts' contexts c, and the empty prompt's c_u when CFG needs it   LDM Eq. 3: c = τ_θ(y)
+        cond = self.encode_text(prompts)
+        uncond = self.encode_text([""] * len(prompts)) if not scale_is(guidance_scale, 1) else None
+        # 2. the guided noise prediction ε̃(z_t, t)
+        self.attention_weights = {}
+        return make_guided_eps(self._unet_output_by_pass(cond), self.schedule, cond, uncond, guidance_scale,
+                               classifier_grad, classifier_scale, self.diffusion_cfg.prediction)
+
+    def _unet_output_by_pass(self, cond):
+        """unet_output, keeping CFG's two passes apart: when the U-Net keeps its cross-attention weights
+        (UNet.keep_attention_weights(True)), each call files them in self.attention_weights["cond"] (the
+        prompts' pass, context `cond`) or ["uncond"] (the empty prompt's pass), so a sampler's callback sees
+        both passes of its step. (Each layer's own .weights holds only the last call: under CFG the c_u one.)"""
+        def unet_output(z_t, t, c):
+            out = self.unet_output(z_t, t, c)
+            kept = self.unet.kept_attention_weights()
+            if kept:
+                self.attention_weights["cond" if c is cond else "uncond"] = kept
+            return out
+        return unet_output
+
+    # -- editing: image-to-image and inpainting with the same trained model ----------------------
+
+    @torch.no_grad()
+    def img2img(self, images, prompts, strength=0.6, steps=50, guidance_scale=3.0, eta=0.0, generator=None,
+                noise=None, classifier_grad=None, classifier_scale=0.0, progress=False, callback=None,
+                return_latents=False):
+        """SDEdit (Meng et al. 2022) in latent space: images (B, 3, H, W) in [-1, 1] and prompts -> edited images.
+
+        1. z0 = E(x), the posterior mean, as diffusion latents (encode_images)
+        2. the DDIM timesteps τ ≤ t0 = round(s·T) − 1 (sdedit_timesteps: strength s ∈ (0, 1] on the grid of
+           ddim_timesteps(T, steps)); they start at τ_0
+        3. z_{τ_0} = q_sample(z0, τ_0, ε), ε = `noise` or a draw from `generator` (DDPM Eq. 4). At s = 1 the
+           image is forgotten: z_{T−1} = ε, generate's convention that N(0, I) is the noisiest step, so that
+           img2img(s = 1, noise = x_T) is generate(x_T = x_T)
+        4. DDIM along the τ with guidance, as generate; 5. decode.
+        Small s keeps the layout and most of the image, large s keeps little. The other arguments as generate;
+        callback(i, t, z_t, x̂0) sees step i of the τ.
+        """
+        prompts = self._check_edit_inputs(images, prompts, noise, guidance_scale, classifier_grad, classifier_scale)
+        timesteps = sdedit_timesteps(self.schedule.T, steps, strength)     # τ_0 > … > τ_n, all ≤ t0
+        with self._evaluating():
+            z0 = self.encode_images(images.to(self.device), sample=False)   # (B, z, h, w)
+            eps = self._start_noise(z0, noise, generator)                   # ε (B, z, h, w)
+            t_start = timesteps[0]
+            # DDPM Eq. 4: z_{τ_0} = √ᾱ·z0 + √(1−ᾱ)·ε; at τ_0 = T−1, z_T = ε (the sampler's convention)
+            z_t = eps if t_start == self.schedule.T - 1 else self.schedule.q_sample(z0, t_start, eps)
+            eps_fn = self._guided_eps(prompts, guidance_scale, classifier_grad, classifier_scale)
+            z0_edit = self._ddim_along(eps_fn, z_t, timesteps, eta, generator, progress, callback)
+        images = self.decode_latents(z0_edit)
+        return (images, z0_edit) if return_latents else images
+
+    @torch.no_grad()
+    def inpaint(self, images, masks, prompts, steps=50, guidance_scale=3.0, eta=0.0, generator=None, noise=None,
+                resample=1, classifier_grad=None, classifier_scale=0.0, progress=False, callback=None,
+                return_latents=False):
+        """Inpainting without retraining (RePaint, Lugmayr et al. 2022, its simple form in latent space, DDIM).
+
+        images (B, 3, H, W) in [-1, 1]; masks (B, 1, H, W) or (B, H, W), 1 (True) where the prompt repaints
+        and 0 where the image is kept. Returns images (B, 3, H, W).
+        1. z0 = E(x), the posterior mean; m = the mask on the latent grid (latent_mask: a latent cell is
+           repainted when any pixel of its f×f patch is)
+        2. z_T = ε, `noise` or a draw from `generator`, as generate
+        3. at each DDIM step t, before the U-Net runs, the known region is replaced by the original noised to
+           that step's level along the same ε:  z_t ← m·z_t + (1−m)·q_sample(z0, t, ε)   (RePaint Eq. 8; DDPM
+           Eq. 4); after the last step, by z0 itself. One ε for all steps, as DDIM with η = 0 noises a latent
+           along one ε (RePaint, on DDPM, draws afresh each step)
+        4. resample = U > 1: RePaint's resampling (Sec. 4.2, jump length one DDIM step): each step runs U
+           times, going back up between runs with q(z_t | z_{t_prev}) so the two regions can harmonise
+        5. decode.
+        Limits: an empty mask returns z0 exactly (the autoencoder's reconstruction of the images); a full mask
+        is text-to-image, generate with x_T = ε. callback(i, t, z_t, x̂0) sees each U-Net call's z_t.
+        """
+        prompts = self._check_edit_inputs(images, prompts, noise, guidance_scale, classifier_grad, classifier_scale)
+        self._check_masks(masks, images.shape[0])
+        if not isinstance(resample, int) or isinstance(resample, bool) or resample < 1:
+            raise ValueError(f"resample must be an integer >= 1 (1 = no resampling), got {resample!r}")
+        timesteps = ddim_timesteps(self.schedule.T, steps)
+        with self._evaluating():
+            z0 = self.encode_images(images.to(self.device), sample=False)   # (B, z, h, w)
+            repaint = self.latent_mask(masks.to(self.device))               # (B, 1, h, w) bool
+            eps = self._start_noise(z0, noise, generator)                   # ε = z_T (B, z, h, w)
+
+            def keep_known(z_t, t):  # RePaint Eq. 8: z = m ⊙ z_unknown + (1 − m) ⊙ z_known (our m: repaint)
+                z_known = z0 if t < 0 else self.schedule.q_sample(z0, t, eps)  # DDPM Eq. 4 at step t
+                return torch.where(repaint, z_t, z_known)
+
+            eps_fn = self._guided_eps(prompts, guidance_scale, classifier_grad, classifier_scale)
+            z0_edit = self._ddim_along(eps_fn, eps, timesteps, eta, generator, progress, callback, keep_known,
+                                       resample)
+        images = self.decode_latents(z0_edit)
+        return (images, z0_edit) if return_latents else images
+
+    def latent_mask(self, masks):
+        """Pixel masks (B, 1, H, W) or (B, H, W), 1 = repaint -> latent masks (B, 1, h, w) bool: a latent cell
+        is repainted when any pixel of its f×f patch is (max pooling), so the repainted latents cover the mask."""
+        masks = masks.float().view(masks.shape[0], 1, *masks.shape[-2:])    # (B, 1, H, W)
+        f = self.autoencoder_cfg.downsample_factor
+        return F.max_pool2d(masks, kernel_size=f) > 0                       # (B, 1, H/f, W/f)
+
+    def _ddim_along(self, eps_fn, z_t, timesteps, eta, generator, progress, callback, keep_known=None,
+                    resample=1):
+        """DDIM from z_t at timesteps[0] down `timesteps` (descending code steps; t_prev = −1 after the last) ->
+        z0. keep_known(z_t, t), if given, runs before every U-Net call and once more at t = −1 (inpainting);
+        resample U runs each step U times (RePaint Algorithm 1, lines 3–10)."""
+        schedule = self.schedule
+        for i, t in enumerate(_progress(timesteps, progress)):
+            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1     # −1: the last step lands on the data
+            for u in range(resample):
+                if keep_known is not None:
+                    z_t = keep_known(z_t, t)                                 # RePaint Eq. 8
+                # 1. the guided noise prediction, and the caller's look at z_t and its x̂0
+                eps = eps_fn(z_t, t)
+                if callback is not None:
+                    callback(i, t, z_t, schedule.predict_x0(z_t, t, eps))   # DDPM Eq. 15
+                # 2. one DDIM step z_t → z_{t_prev}
+                z_prev = schedule.ddim_step(z_t, t, t_prev, eps, eta=eta, generator=generator)  # DDIM Eq. 12
+                # 3. RePaint's resampling: back up to t, z_t ~ q(z_t | z_{t_prev}), and run the step again
+                if u + 1 < resample:
+                    z_t = self._noise_up(z_prev, t_prev, t, generator)
+            z_t = z_prev
+        return z_t if keep_known is None else keep_known(z_t, -1)
+
+    def _noise_up(self, z_prev, t_prev, t, generator):
+        """A sample of q(z_t | z_{t_prev}) = N(√(ᾱ_t/ᾱ_{t_prev})·z_{t_prev}, (1 − ᾱ_t/ᾱ_{t_prev})·I): DDPM Eq. 2
+        over the steps t_prev+1 … t (RePaint Algorithm 1, line 10); t_prev = −1 is the data, ᾱ_{−1} = 1."""
+        ratio = (self.schedule.alpha_bars[t] / self.schedule.alpha_bars_prev[t_prev + 1]).item()  # ᾱ_t/ᾱ_{t_prev}
+        fresh = torch.randn(z_prev.shape, generator=generator, device=z_prev.device, dtype=z_prev.dtype)
+        return math.sqrt(ratio) * z_prev + math.sqrt(1 - ratio) * fresh    # DDPM Eq. 2, composed
+
+    def _start_noise(self, z0, noise, generator):
+        """ε ~ N(0, I) shaped as z0, drawn as generate draws x_T, unless the caller gives it."""
+        if noise is not None:
+            return noise.to(device=z0.device, dtype=z0.dtype)
+        betas = self.schedule.betas
+        return torch.randn(z0.shape, generator=generator, device=betas.device, dtype=betas.dtype)
+
+    def _check_edit_inputs(self, images, prompts, noise, guidance_scale, classifier_grad, classifier_scale):
+        """One-line ValueErrors for the inputs of img2img and inpaint; returns the prompts as a list of B."""
+        S = self.image_size
+        if not torch.is_tensor(images) or not images.is_floating_point() or images.ndim != 4:
+            got = f"{images.dtype} {tuple(images.shape)}" if torch.is_tensor(images) else type(images).__name__
+            raise ValueError(f"images must be a float tensor (B, 3, {S}, {S}) in [-1, 1]; got {got}")
+        B = images.shape[0]
+        if tuple(images.shape[1:]) != (3, S, S):
+            raise ValueError(f"images must be (B, 3, {S}, {S}), the size this model works at; got "
+                             f"{tuple(images.shape)}")
+        if not bool(torch.isfinite(images).all()) or images.abs().max() > 1 + 1e-3:
+            raise ValueError("images must be finite and in [-1, 1] (data.to_float turns uint8 images into that)")
+        prompts = [prompts] * B if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != B:
+            raise ValueError(f"got {len(prompts)} prompts for {B} images; give one per image, or one string")
+        if noise is not None and tuple(noise.shape) != (B, *self.latent_shape):
+            raise ValueError(f"noise must have the latents' shape {(B, *self.latent_shape)}; got {tuple(noise.shape)}")
+        self._check_scales(B, guidance_scale, classifier_grad, classifier_scale)
+        return prompts
+
+    def _check_masks(self, masks, B):
+        """Masks are (B, 1, H, W) or (B, H, W) at the model's size, and binary: 0 keep, 1 repaint."""
+        S = self.image_size
+        if not torch.is_tensor(masks) or tuple(masks.shape) not in ((B, 1, S, S), (B, S, S)):
+            got = tuple(masks.shape) if torch.is_tensor(masks) else type(masks).__name__
+            raise ValueError(f"masks must be ({B}, 1, {S}, {S}) or ({B}, {S}, {S}), one per image at the model's "
+                             f"size; got {got}")
+        if not bool(((masks == 0) | (masks == 1)).all()):
+            raise ValueError("masks must be binary: 1 (True) where the prompt repaints, 0 where the image is kept")
 
     # -- run folder ----------------------------------------------------------------------------
 

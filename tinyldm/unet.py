@@ -312,6 +312,12 @@ class UNet(nn.Module):
             if isinstance(m, Attention) and m.is_cross:
                 m.keep_weights, m.weights = bool(flag), None
 
+    def kept_attention_weights(self):
+        """{layer name: weights (B, heads, HW, L)} of the last call, for every cross-attention layer that keeps
+        them (keep_attention_weights); {} when none does."""
+        return {name: m.weights for name, m in self.named_modules()
+                if isinstance(m, Attention) and m.keep_weights and m.weights is not None}
+
     @staticmethod
     def _run(layers, h, emb, context, mask):
         """Apply one block's layers; ResBlocks take the time embedding, transformers the context."""
