@@ -1,6 +1,8 @@
 """Editing with the same trained model (tinyldm/ldm.py): image-to-image (SDEdit), inpainting (RePaint),
 per-sample guidance scales, the cross-attention weights of each CFG pass, and their command lines."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -8,8 +10,11 @@ from PIL import Image
 
 import tinyldm.__main__ as tinyldm_cli
 from tests.test_ldm import tiny_model
-from tinyldm.diffusion import ddim_timesteps, sdedit_timesteps
 from tinyldm.__main__ import main as cli
+from tinyldm.data import COLOUR_NAMES, render, to_float
+from tinyldm.diffusion import ddim_timesteps, sdedit_timesteps
+from tinyldm.evaluate import (_object, _say, edit_scenes, edit_tests, inpaint_test, object_box_mask, other_colour,
+                              recolour_test)
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -295,3 +300,105 @@ def test_edit_commands_refuse_bad_input_before_writing(run_files):
         with pytest.raises(SystemExit, match=message):
             cli([*args, "--run", "r", "--out", str(d / "out.png"), "a blue square"])
         assert not (d / "out.png").exists()
+
+
+def test_evaluate_edit_options_are_checked_before_loading(model, monkeypatch, tmp_path):
+    """--edits is off by default; its strengths must lie in (0, 1]."""
+    monkeypatch.setattr(tinyldm_cli, "_load_run", lambda args: pytest.fail("the run was loaded"))
+    monkeypatch.chdir(tmp_path)
+    for args, message in [(["--edits", "-1"], "--edits must be >= 0"),
+                          (["--edits", "4", "--edit-strengths", "0,0.5"], "--edit-strengths must be numbers in"),
+                          (["--edits", "4", "--edit-strengths", ""], "--edits needs at least one strength")]:
+        with pytest.raises(SystemExit, match=message):
+            cli(["evaluate", "--run", "r", *args])
+
+
+# -- the measuring functions of evaluate.py -----------------------------------------------------------
+
+class Editor:
+    """Stands in for a model in the measuring functions: each edit returns images[prompt] when it knows the
+    prompt (an editor that does exactly what is asked), else the input unchanged; the autoencoder is exact."""
+
+    image_size, device = 32, torch.device("cpu")
+
+    def __init__(self, images=None):
+        self.images = images or {}
+
+    def _answer(self, x, prompts):
+        return torch.stack([self.images.get(p, xi) for p, xi in zip(prompts, x)])
+
+    def img2img(self, x, prompts, **kwargs):
+        return self._answer(x, prompts)
+
+    def inpaint(self, x, masks, prompts, **kwargs):
+        return self._answer(x, prompts)
+
+    def encode_images(self, x, sample=True):
+        return x
+
+    def decode_latents(self, z):
+        return z
+
+
+def only_object(scenes, k):
+    """The scenes with object k alone, in slot 0."""
+    return replace(scenes, n_objects=np.ones_like(scenes.n_objects),
+                   **{name: getattr(scenes, name)[:, [k, k]] for name in ("shape", "colour", "size", "cell", "cx", "cy")})
+
+
+def recoloured(scenes, ks, colours):
+    """The scenes with object ks[i] of scene i in colours[i]."""
+    colour = scenes.colour.copy()
+    for i, (k, c) in enumerate(zip(ks, colours)):
+        colour[i, k] = COLOUR_NAMES.index(c)
+    return replace(scenes, colour=colour)
+
+
+def test_object_box_mask_covers_the_whole_object():
+    """Every pixel object k paints, anti-aliased edge included, lies inside object_box_mask(scenes, i, k)."""
+    scenes, _ = edit_scenes(32, 40, 2)
+    for k in (0, 1):
+        alone = render(only_object(scenes, k), 32)                                # (40, 3, 32, 32) uint8
+        drawn = (alone != render(replace(only_object(scenes, k), n_objects=np.zeros(40, int)), 32)).any(1)
+        masks = torch.stack([object_box_mask(scenes, i, k, 32) for i in range(40)])
+        assert drawn.any() and not (drawn & ~masks).any()
+
+
+def test_edit_measures_of_an_editor_that_changes_nothing():
+    """Nothing recoloured, everything kept: recolour "unchanged" and "kept" 1, "recoloured" 0; inpainting's PSNR
+    outside the mask at its maximum, the other object kept, the masked one not recoloured."""
+    report = recolour_test(Editor(), 12, [0.5, 1.0], steps=2)
+    for row in report["by_strength"]:
+        assert (row["recoloured"], row["edited"], row["unchanged"], row["kept"]) == (0, 0, 1, 1)
+        assert row["n"] == 12 and row["edited_ci"][0] == 0 and 0 < row["edited_ci"][1] < 0.3
+    report = inpaint_test(Editor(), 12, steps=2)
+    assert report["psnr_outside"] == report["psnr_outside_reconstruction"] == 100
+    assert (report["recoloured"], report["other_kept"], report["edited"]) == (0, 1, 0)
+
+
+def test_edit_measures_of_an_editor_that_does_what_is_asked():
+    """An editor that returns the scene drawn with the asked colour scores 1 on every edit share, and inpainting
+    it changes no pixel outside the mask."""
+    scenes, _ = edit_scenes(32, 12, 1)
+    asked = [_object(scenes, i, 0, other_colour(scenes, i, 0)) for i in range(12)]
+    truth = to_float(render(recoloured(scenes, [0] * 12, [a["colour"] for a in asked]), 32))
+    row = recolour_test(Editor({_say(a): img for a, img in zip(asked, truth)}), 12, [0.7], steps=2)["by_strength"][0]
+    assert (row["recoloured"], row["edited"], row["unchanged"], row["kept"]) == (1, 1, 0, 1)
+    scenes, _ = edit_scenes(32, 12, 2)
+    ks = [i % 2 for i in range(12)]
+    asked = [_object(scenes, i, k, other_colour(scenes, i, k)) for i, k in enumerate(ks)]
+    prompts = [" and ".join(_say(_object(scenes, i, j, asked[i]["colour"] if j == k else None)) for j in (0, 1))
+               for i, k in enumerate(ks)]
+    truth = to_float(render(recoloured(scenes, ks, [a["colour"] for a in asked]), 32))
+    report = inpaint_test(Editor(dict(zip(prompts, truth))), 12, steps=2)
+    assert report["psnr_outside"] == 100 and (report["recoloured"], report["other_kept"], report["edited"]) == (1, 1, 1)
+
+
+@pytest.mark.filterwarnings("ignore:.*truncated")  # the tiny model reads 12 tokens; two-object prompts are longer
+def test_edit_tests_run_on_a_model_and_are_json(model):
+    """edit_tests on the tiny model: plain dicts that json.dumps takes, one recolour row per strength."""
+    import json
+
+    report = json.loads(json.dumps(edit_tests(model, 2, [0.5, 1.0], 3.0, steps=2)))
+    assert [row["strength"] for row in report["recolour"]["by_strength"]] == [0.5, 1.0]
+    assert report["inpaint"]["n"] == 2 and 0 <= report["inpaint"]["edited"] <= 1

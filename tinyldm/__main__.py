@@ -294,7 +294,7 @@ def evaluate(args):
     printed and saved with its 95 % Wilson interval."""
     import json
 
-    from tinyldm.evaluate import (PROMPT_KINDS, best_guidance_scale, classifier_sweep, final_fidelity,
+    from tinyldm.evaluate import (PROMPT_KINDS, best_guidance_scale, classifier_sweep, edit_tests, final_fidelity,
                                   guidance_sweep, prompt_set, reconstruction, same_noise_test, sampler_sweep)
 
     _check_evaluate_args(args)  # before minutes of sampling, not after
@@ -331,6 +331,9 @@ def evaluate(args):
             report["guidance_methods"] = classifier_sweep(model, classifier, prompts["single"], args.classifier_scales, best,
                                                           args.images_per_prompt, args.steps, seed=seed,
                                                           batch_size=batch_size)
+        if args.edits:  # off by default: editing is measured only when asked for
+            report["edits"] = edit_tests(model, args.edits, args.edit_strengths, best, args.steps, seed=seed,
+                                         batch_size=batch_size)
     out.write_text(json.dumps(report, indent=2))
     _plot_eval(report, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
@@ -340,8 +343,13 @@ def _check_evaluate_args(args):
     """Exit with a one-line error for any bad count, scale or sampler name of `evaluate`."""
     from tinyldm.evaluate import parse_sampler
 
-    for name in ("final_images", "same_noise"):
+    for name in ("final_images", "same_noise", "edits"):
         _check_at_least(args, name, 0, " (0 = skip)")
+    if args.edits and not args.edit_strengths:
+        raise SystemExit("error: --edits needs at least one strength in --edit-strengths, e.g. 0.5,0.8")
+    for s in args.edit_strengths:
+        if not 0 < s <= 1:
+            raise SystemExit(f"error: --edit-strengths must be numbers in (0, 1], got {s}")
     for name in ("prompts_per_kind", "images_per_prompt", "steps", "reconstruction_images", "batch_size"):
         _check_at_least(args, name, 1)
     if args.samplers:
@@ -494,6 +502,12 @@ def main(argv=None):
     p.add_argument("--same-noise", type=int, default=12, metavar="N",
                    help="same-noise position test at the best guidance scale: N starting noises x 9 prompted "
                         "positions (0 = skip)")
+    p.add_argument("--edits", type=int, default=0, metavar="N",
+                   help="editing tests at the best guidance scale: N single-object images recoloured by img2img "
+                        "at each --edit-strengths, N two-object scenes with one object recoloured by inpainting "
+                        "(0 = skip, the default)")
+    p.add_argument("--edit-strengths", type=_numbers, default=[0.3, 0.5, 0.7, 0.9, 1.0],
+                   help="img2img strengths in (0, 1] for --edits")
     p.add_argument("--reconstruction-images", type=int, default=500, help="validation images for PSNR")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import (ATTRIBUTES, BACKGROUND, COLOUR_NAMES, COLOURS, POSITIONS, RELATIONS, SHAPES, SIZE_RADIUS,
-                   SIZES, ShapesConfig, ShapesDataset, describe, to_float)
+                   SIZES, ShapesConfig, ShapesDataset, describe, render, sample_scenes, to_float)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,6 +539,7 @@ def reconstruction_report(autoencoder, dataset, n=None, batch_size=64):
 #   4. same_noise_test    does the prompt move the object when x_T is held fixed?
 #   5. sampler_sweep      DDIM with few steps against DDPM with all T, at the best s
 #   6. classifier_sweep   classifier guidance γ alone and on top of CFG, against CFG alone
+#   7. edit_tests         (only with --edits N) recolouring by image-to-image and by inpainting
 # Each prints one line per run and returns what eval.json stores. Every run draws its noise from a
 # fresh generator seeded with `seed`, so two settings differ only in the setting, not in the noise.
 
@@ -657,3 +658,175 @@ def classifier_sweep(model, classifier, pairs, gammas, guidance_scale, images_pe
               "position entropy " + (f"{entropy:.2f}" if entropy is not None else "n/a"))
         results.append(result)
     return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Editing with the same model (run by `evaluate --edits N`, off by default):
+#   7a. recolour_test   image-to-image: one object, the same caption in another colour, against strength
+#   7b. inpaint_test    inpainting: two objects, one object's box masked and asked in another colour
+# The source images are validation scenes whose (colour, shape) pairs are not held out, and no edit
+# asks for a held-out pair: these measure editing, not compositional generalisation.
+
+def edit_scenes(image_size, n, n_objects, seed=0):
+    """The first n validation scenes with n_objects objects (1 or 2) and no held-out (colour, shape) pair:
+    (Scenes, uint8 images (n, 3, H, W))."""
+    cfg = ShapesConfig(image_size=image_size, seed=seed, two_object_prob=float(n_objects == 2))
+    held_out = set(cfg.held_out)
+    keep, start = [], 0
+    while len(keep) < n:  # about 1 scene in 6 has a held-out pair: draw on until there are n
+        scenes = sample_scenes(cfg, "val", np.arange(start, start + 2 * n))
+        keep += [start + i for i in range(len(scenes)) if not any(
+            (COLOUR_NAMES[scenes.colour[i, k]], SHAPES[scenes.shape[i, k]]) in held_out for k in range(n_objects))]
+        start += 2 * n
+    scenes = sample_scenes(cfg, "val", np.array(keep[:n]))
+    return scenes, render(scenes, image_size)
+
+
+def other_colour(scenes, i, k, held_out=ShapesConfig().held_out):
+    """A colour for object k of scene i other than its own, cycling with i through the others; never a
+    held-out pair with the object's shape."""
+    colour, shape = COLOUR_NAMES[scenes.colour[i, k]], SHAPES[scenes.shape[i, k]]
+    others = [c for c in COLOUR_NAMES if c != colour and (c, shape) not in {tuple(p) for p in held_out}]
+    return others[i % len(others)]
+
+
+def _object(scenes, i, k, colour=None):
+    """Object k of scene i as a dict of its attributes (colour replaced when given) and its centre."""
+    return {"shape": SHAPES[scenes.shape[i, k]], "colour": colour or COLOUR_NAMES[scenes.colour[i, k]],
+            "size": SIZES[scenes.size[i, k]], "position": POSITIONS[scenes.cell[i, k]],
+            "cx": float(scenes.cx[i, k]), "cy": float(scenes.cy[i, k])}
+
+
+def _say(obj):
+    """The full caption of one object: "a large red circle at the top left"."""
+    return describe(obj["shape"], obj["colour"], obj["size"], obj["position"])
+
+
+def _shares(counts, n):
+    """{key: k/n, key + "_ci": its 95 % Wilson interval} for each count k of n images."""
+    out = {"n": n}
+    for key, k in counts.items():
+        out.update({key: k / max(n, 1), key + "_ci": list(wilson_interval(k, n))})
+    return out
+
+
+def _nearest(dets, obj, within=1 / 6):
+    """The detection whose centre is nearest obj's centre, if within `within` of the image side; else None."""
+    dist = [math.hypot(d["cx"] - obj["cx"], d["cy"] - obj["cy"]) for d in dets]
+    return dets[int(np.argmin(dist))] if dist and min(dist) < within else None
+
+
+def recolour_test(model, n_images, strengths, steps=50, guidance_scale=3.0, seed=0, batch_size=64):
+    """7a. Recolour by image-to-image (SDEdit), against the strength.
+
+    n_images single-object validation images; image i is prompted with its full caption (shape, size,
+    position) in another colour (other_colour) and edited with model.img2img at each strength s, every s from
+    the same noise (a generator seeded with `seed`). The largest detected object is judged; per strength,
+    each share over the n images with its 95 % Wilson interval:
+      "recoloured"  it has the asked colour
+      "kept"        it has the original shape, size and position, whatever its colour
+      "edited"      exactly one object, recoloured and kept: the edit as asked
+      "unchanged"   it still has the original colour (the edit did not take)
+    Returns {"n", "steps", "guidance_scale", "by_strength": [one dict per strength, in order]} (JSON-ready).
+    """
+    scenes, images = edit_scenes(model.image_size, n_images, 1, seed)
+    before = [_object(scenes, i, 0) for i in range(n_images)]
+    after = [_object(scenes, i, 0, other_colour(scenes, i, 0)) for i in range(n_images)]
+    prompts = [_say(obj) for obj in after]
+    by_strength = []
+    for s in strengths:
+        generator, detections = _seeded(model, seed), []
+        with torch.no_grad():
+            for start in range(0, n_images, batch_size):
+                batch = slice(start, start + batch_size)
+                x = to_float(images[batch]).to(model.device)
+                detections += detect(model.img2img(x, prompts[batch], strength=s, steps=steps,
+                                                   guidance_scale=guidance_scale, generator=generator))
+        counts = dict.fromkeys(("recoloured", "kept", "edited", "unchanged"), 0)
+        for dets, old, new in zip(detections, before, after):
+            d = dets[0] if dets else None
+            recoloured = d is not None and d["colour"] == new["colour"]
+            kept = d is not None and all(d[a] == old[a] for a in ("shape", "size", "position"))
+            counts["recoloured"] += recoloured
+            counts["kept"] += kept
+            counts["edited"] += recoloured and kept and len(dets) == 1
+            counts["unchanged"] += d is not None and d["colour"] == old["colour"]
+        by_strength.append({"strength": s, **_shares(counts, n_images)})
+        print(f"img2img recolour, strength {s:<4g} edited {_share(by_strength[-1], 'edited')}  recoloured "
+              f"{_share(by_strength[-1], 'recoloured')}  shape/size/position kept {_share(by_strength[-1], 'kept')}")
+    return {"n": n_images, "steps": steps, "guidance_scale": guidance_scale, "by_strength": by_strength}
+
+
+def object_box_mask(scenes, i, k, image_size, margin=1):
+    """A (H, W) bool mask over object k of scene i: the square of half side r + margin pixels around its centre
+    (r = SIZE_RADIUS · H; no shape of data.py reaches farther than r from its centre, the margin covers the
+    anti-aliased edge)."""
+    H = image_size
+    half = SIZE_RADIUS[scenes.size[i, k]] * H + margin
+    cx, cy = scenes.cx[i, k] * H, scenes.cy[i, k] * H
+    centres = torch.arange(H) + 0.5                                                  # pixel centres
+    inside_x, inside_y = (centres - cx).abs() <= half, (centres - cy).abs() <= half  # (W,), (H,)
+    return inside_y[:, None] & inside_x[None, :]                                     # (H, W)
+
+
+def masked_psnr(x, y, keep, max_db=100.0):
+    """PSNR in dB (as psnr) of images x, y (B, 3, H, W) in [-1, 1] over the pixels where keep (B, H, W) is True:
+    (B,) values."""
+    se = (((x.float() - y.float()) / 2) ** 2).sum(1)                                 # (B, H, W)
+    mse = (se * keep).sum((1, 2)) / (3 * keep.sum((1, 2)).clamp(min=1))              # (B,)
+    return (10 * torch.log10(1 / mse)).clamp(max=max_db)                             # PSNR = 10 log10(1 / MSE)
+
+
+def inpaint_test(model, n_images, steps=50, guidance_scale=3.0, resample=1, seed=0, batch_size=64):
+    """7b. Recolour one object of two by inpainting (RePaint).
+
+    n_images two-object validation scenes; in scene i object k = i mod 2 is masked (object_box_mask) and the
+    prompt names both objects with every attribute ("a large red circle at the top left and a small blue
+    square at the bottom"), object k in another colour (other_colour). Returns (JSON-ready):
+      "psnr_outside"                 mean PSNR (dB) outside the masks, result against the input
+      "psnr_outside_reconstruction"  the same for the autoencoder's reconstruction D(E(x)): the ceiling, since
+                                     inpainting keeps the latents outside the mask, not the pixels
+      shares with 95 % Wilson intervals, judging the detection nearest each object's centre:
+      "recoloured"  the masked object has the asked colour and its own shape
+      "other_kept"  the other object has all its attributes
+      "edited"      both
+    """
+    scenes, images = edit_scenes(model.image_size, n_images, 2, seed)
+    masked = [i % 2 for i in range(n_images)]
+    asked = [_object(scenes, i, k, other_colour(scenes, i, k)) for i, k in enumerate(masked)]
+    other = [_object(scenes, i, 1 - k) for i, k in enumerate(masked)]
+    objects = [(a, o) if k == 0 else (o, a) for a, o, k in zip(asked, other, masked)]  # in the scene's order
+    prompts = [f"{_say(first)} and {_say(second)}" for first, second in objects]
+    masks = torch.stack([object_box_mask(scenes, i, k, model.image_size) for i, k in enumerate(masked)])  # (n, H, W)
+    generator, detections, psnr_edit, psnr_ae = _seeded(model, seed), [], [], []
+    with torch.no_grad():
+        for start in range(0, n_images, batch_size):
+            batch = slice(start, start + batch_size)
+            x, m = to_float(images[batch]).to(model.device), masks[batch].to(model.device)
+            out = model.inpaint(x, m, prompts[batch], steps=steps, guidance_scale=guidance_scale, resample=resample,
+                                generator=generator)
+            x_rec = model.decode_latents(model.encode_images(x, sample=False))
+            psnr_edit.append(masked_psnr(x, out, ~m).cpu())
+            psnr_ae.append(masked_psnr(x, x_rec, ~m).cpu())
+            detections += detect(out)
+    counts = dict.fromkeys(("recoloured", "other_kept", "edited"), 0)
+    for dets, a, o in zip(detections, asked, other):
+        d_asked, d_other = _nearest(dets, a), _nearest(dets, o)
+        recoloured = d_asked is not None and d_asked["colour"] == a["colour"] and d_asked["shape"] == a["shape"]
+        kept = d_other is not None and all(d_other[key] == o[key] for key in ATTRIBUTES)
+        counts["recoloured"] += recoloured
+        counts["other_kept"] += kept
+        counts["edited"] += recoloured and kept
+    report = {"steps": steps, "guidance_scale": guidance_scale, "resample": resample,
+              "psnr_outside": torch.cat(psnr_edit).mean().item(),
+              "psnr_outside_reconstruction": torch.cat(psnr_ae).mean().item(), **_shares(counts, n_images)}
+    print(f"inpaint recolour: edited {_share(report, 'edited')}  masked object as asked {_share(report, 'recoloured')}"
+          f"  other kept {_share(report, 'other_kept')}  PSNR outside {report['psnr_outside']:.2f} dB "
+          f"(autoencoder alone {report['psnr_outside_reconstruction']:.2f} dB)")
+    return report
+
+
+def edit_tests(model, n_images, strengths, guidance_scale, steps=50, seed=0, batch_size=64):
+    """7. recolour_test over `strengths` and inpaint_test, n_images each: {"recolour": ..., "inpaint": ...}."""
+    return {"recolour": recolour_test(model, n_images, strengths, steps, guidance_scale, seed, batch_size),
+            "inpaint": inpaint_test(model, n_images, steps, guidance_scale, seed=seed, batch_size=batch_size)}
