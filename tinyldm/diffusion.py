@@ -9,6 +9,7 @@ Papers, and the tags the comments use for them
   Guided          Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis"
   CFG             Ho & Salimans 2022, "Classifier-Free Diffusion Guidance"
   v-pred          Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models"
+  SDEdit          Meng et al. 2022, "SDEdit: Guided Image Synthesis and Editing with Stochastic Differential Equations"
 
 Timestep convention (stated once, used everywhere)
   Code uses integer t in {0, …, T−1}; code t means paper step t+1. The comments write the papers'

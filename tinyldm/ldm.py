@@ -3,6 +3,8 @@
   caption ──tokenizer──► ids, mask ──TextEncoder──► c (B, L, d) ────────────────┐ cross-attention
   image x ──Encoder──► q(z|x) ──sample, (z − shift)·scale──► z0 ──q_sample──► z_t ──► UNet ──► ε̂
   sampling: z_T ~ N(0, I) ─► DDPM/DDIM with guidance ─► z0 ─► z0/scale + shift ─► Decoder ─► image
+  editing:  img2img starts DDIM from q_sample(E(x), t0, ε) (SDEdit, Meng et al. 2022); inpaint keeps the
+            latents outside a mask on q_sample(E(x), t, ε) at every step (RePaint, Lugmayr et al. 2022)
 
 This is the only file that knows all four components, and it knows nothing else: no dataset, no
 classifier (classifier guidance comes in as a gradient function, see `generate`). It never picks a
@@ -263,7 +265,7 @@ class LatentDiffusion(nn.Module):
         prompts = self._check_edit_inputs(images, prompts, noise, guidance_scale, classifier_grad, classifier_scale)
         timesteps = sdedit_timesteps(self.schedule.T, steps, strength)     # τ_0 > … > τ_n, all ≤ t0
         with self._evaluating():
-            z0 = self.encode_images(images.to(self.device), sample=False)   # (B, z, h, w)
+            z0 = self.encode_images(images.to(self.device), sample=False).float()  # (B, z, h, w)
             eps = self._start_noise(z0, noise, generator)                   # ε (B, z, h, w)
             t_start = timesteps[0]
             # DDPM Eq. 4: z_{τ_0} = √ᾱ·z0 + √(1−ᾱ)·ε; at τ_0 = T−1, z_T = ε (the sampler's convention)
@@ -300,7 +302,7 @@ class LatentDiffusion(nn.Module):
             raise ValueError(f"resample must be an integer >= 1 (1 = no resampling), got {resample!r}")
         timesteps = ddim_timesteps(self.schedule.T, steps)
         with self._evaluating():
-            z0 = self.encode_images(images.to(self.device), sample=False)   # (B, z, h, w)
+            z0 = self.encode_images(images.to(self.device), sample=False).float()  # (B, z, h, w)
             repaint = self.latent_mask(masks.to(self.device))               # (B, 1, h, w) bool
             eps = self._start_noise(z0, noise, generator)                   # ε = z_T (B, z, h, w)
 
@@ -354,7 +356,7 @@ class LatentDiffusion(nn.Module):
     def _start_noise(self, z0, noise, generator):
         """ε ~ N(0, I) shaped as z0, drawn as generate draws x_T, unless the caller gives it."""
         if noise is not None:
-            return noise.to(device=z0.device, dtype=z0.dtype)
+            return noise.to(z0.device)
         betas = self.schedule.betas
         return torch.randn(z0.shape, generator=generator, device=betas.device, dtype=betas.dtype)
 
