@@ -1,6 +1,6 @@
 """What the notebooks share: fast mode, and a trained run to load (`from helpers import fast_mode, find_run`).
 
-Notebooks 02–05 and 07 need a trained model (01 and 06 work on toy data). `find_run()` picks, in order:
+Notebooks 02–05, 07 and 08 need a trained model (01 and 06 work on toy data). `find_run()` picks, in order:
   1. the folder in the environment variable TINYLDM_RUN (the tests point it at a tiny run);
   2. runs/small (`python train_small.py` on a GPU), then runs/cpu (`python train_small.py` on a CPU);
   3. runs/tiny, training it first (`python train_small.py --preset tiny`, about a minute on a CPU).

@@ -14,7 +14,7 @@ import helpers  # notebooks/helpers.py (pytest.ini puts notebooks/ on the path, 
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = ("01_guidance_from_bayes", "02_noise_schedule", "03_autoencoder", "04_text_and_cross_attention",
-         "05_sampling_and_guidance", "06_posterior_elbo_ddim", "07_unet_and_training_run")
+         "05_sampling_and_guidance", "06_posterior_elbo_ddim", "07_unet_and_training_run", "08_editing")
 
 
 def test_find_run_prefers_the_environment_then_the_best_trained_run(tmp_path, monkeypatch):
