@@ -14,7 +14,7 @@ from tinyldm.__main__ import main as cli
 from tinyldm.data import COLOUR_NAMES, render, to_float
 from tinyldm.diffusion import ddim_timesteps, sdedit_timesteps
 from tinyldm.evaluate import (_object, _say, edit_scenes, edit_tests, inpaint_test, object_box_mask, other_colour,
-                              recolour_test)
+                              recolour_prompt, recolour_test)
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -382,7 +382,8 @@ def test_edit_measures_of_an_editor_that_does_what_is_asked():
     scenes, _ = edit_scenes(32, 12, 1)
     asked = [_object(scenes, i, 0, other_colour(scenes, i, 0)) for i in range(12)]
     truth = to_float(render(recoloured(scenes, [0] * 12, [a["colour"] for a in asked]), 32))
-    row = recolour_test(Editor({_say(a): img for a, img in zip(asked, truth)}), 12, [0.7], steps=2)["by_strength"][0]
+    row = recolour_test(Editor({recolour_prompt(a): img for a, img in zip(asked, truth)}), 12, [0.7],
+                        steps=2)["by_strength"][0]
     assert (row["recoloured"], row["edited"], row["unchanged"], row["kept"]) == (1, 1, 0, 1)
     scenes, _ = edit_scenes(32, 12, 2)
     ks = [i % 2 for i in range(12)]

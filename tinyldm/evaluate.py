@@ -716,12 +716,18 @@ def _nearest(dets, obj, within=1 / 6):
     return dets[int(np.argmin(dist))] if dist and min(dist) < within else None
 
 
+def recolour_prompt(obj):
+    """What recolour_test asks for: the object's shape in its new colour, nothing else ("a blue circle")."""
+    return describe(obj["shape"], obj["colour"])
+
+
 def recolour_test(model, n_images, strengths, steps=50, guidance_scale=3.0, seed=0, batch_size=64):
     """7a. Recolour by image-to-image (SDEdit), against the strength.
 
-    n_images single-object validation images; image i is prompted with its full caption (shape, size,
-    position) in another colour (other_colour) and edited with model.img2img at each strength s, every s from
-    the same noise (a generator seeded with `seed`). The largest detected object is judged; per strength,
+    n_images single-object validation images; image i is prompted with its shape in another colour and
+    nothing else ("a blue circle": recolour_prompt; the colour from other_colour), and edited with
+    model.img2img at each strength s, every s from the same noise (a generator seeded with `seed`). The
+    prompt does not say the size or the position, so only the input image can keep them. The largest detected object is judged; per strength,
     each share over the n images with its 95 % Wilson interval:
       "recoloured"  it has the asked colour
       "kept"        it has the original shape, size and position, whatever its colour
@@ -732,7 +738,7 @@ def recolour_test(model, n_images, strengths, steps=50, guidance_scale=3.0, seed
     scenes, images = edit_scenes(model.image_size, n_images, 1, seed)
     before = [_object(scenes, i, 0) for i in range(n_images)]
     after = [_object(scenes, i, 0, other_colour(scenes, i, 0)) for i in range(n_images)]
-    prompts = [_say(obj) for obj in after]
+    prompts = [recolour_prompt(obj) for obj in after]
     by_strength = []
     for s in strengths:
         generator, detections = _seeded(model, seed), []
