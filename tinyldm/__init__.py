@@ -6,10 +6,11 @@ The package is the model, its data and its evaluation, one file each (the README
   autoencoder.py   KL-regularised autoencoder: image x <-> latent z, its losses, a patch discriminator
   unet.py          U-Net with timestep embedding and cross-attention to the text
   diffusion.py     noise schedules, forward process, DDPM/DDIM samplers, guidance, loss
-  ldm.py           LatentDiffusion: the four components wired together; save/load a run folder
+  ldm.py           LatentDiffusion: the four components wired together; sampling, img2img and
+                   inpainting; save/load a run folder
   classifier.py    noise-aware latent classifier p(y | z_t), for classifier guidance on Shapes
-  evaluate.py      attribute detector, caption fidelity and its sweeps, reconstruction PSNR
-  __main__.py      `python -m tinyldm data|sample|evaluate`
+  evaluate.py      attribute detector, caption fidelity and its sweeps, edits, reconstruction PSNR
+  __main__.py      `python -m tinyldm data|sample|img2img|inpaint|evaluate`
 
 Beside the package, in the repository: train_small.py (training, all stages), bench.py
 (benchmarks), course/ (assignments: starter kit and grading), notebooks/ and tests/. Nothing in
