@@ -4,6 +4,7 @@
 import math
 from types import SimpleNamespace
 
+import matplotlib.image
 import numpy as np
 import pytest
 import torch
@@ -448,6 +449,13 @@ def test_eval_plot_draws_every_report_shape(tmp_path):
             "guidance_methods": classifier_sweep(model, object(), pairs, [0.0, 1.0], 1.0, images_per_prompt=1, steps=2)}
     ddpm_alone = dict(full, final=None, guidance_methods=[],
                       sampler_sweep=sampler_sweep(model, pairs, ["ddpm"], 1.0, images_per_prompt=1))
-    for name, report in (("full", full), ("ddpm_alone", ddpm_alone)):
+    share = {"n": 4, **{k: 0.5 for k in ("edited", "recoloured", "kept", "unchanged")},
+             **{k + "_ci": [0.15, 0.85] for k in ("edited", "recoloured", "kept", "unchanged")}}
+    edits = {"recolour": {"n": 4, "guidance_scale": 1.0, "by_strength": [dict(share, strength=s) for s in (0.5, 1.0)]},
+             "inpaint": {"n": 4, "recoloured": 0.25, "other_kept": 1.0}}
+    with_edits = dict(full, edits=edits)
+    for name, report in (("full", full), ("ddpm_alone", ddpm_alone), ("with_edits", with_edits)):
         _plot_eval(report, tmp_path / f"{name}.png")
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    width = {name: matplotlib.image.imread(tmp_path / f"{name}.png").shape[1] for name in ("full", "with_edits")}
+    assert width["with_edits"] == width["full"] * 4 // 3  # one 5-inch panel more: the edits against the strength

@@ -374,7 +374,8 @@ def _plot_eval(report, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = 1 + bool(report["sampler_sweep"]) + bool(report["guidance_methods"])
+    edits = report.get("edits")
+    panels = 1 + bool(report["sampler_sweep"]) + bool(report["guidance_methods"]) + bool(edits)
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), squeeze=False)
     axes = list(axes.flat)
     sweep = report["guidance_sweep"]
@@ -405,7 +406,7 @@ def _plot_eval(report, path):
                title=f"single-object fidelity vs steps (s = {report['best_guidance_scale']:g})")
         ax.legend()
     if report["guidance_methods"]:
-        ax = axes[-1]
+        ax = axes[-1 - bool(edits)]
         methods = report["guidance_methods"]
         for name, label in (("classifier", "unconditional + classifier γ"), ("cfg+classifier", "CFG + classifier γ")):
             rows = [r for r in methods if r["method"] == name or (name == "classifier" and r["method"] == "unconditional")]
@@ -417,6 +418,19 @@ def _plot_eval(report, path):
         ax.set(xscale="symlog", xlabel="classifier scale γ", ylim=(0, 1.02),
                title="classifier guidance vs CFG (single objects)")
         ax.legend(fontsize=8)
+    if edits:  # img2img recolouring against the strength, and the inpainting shares as dashed lines
+        ax, rows = axes[-1], edits["recolour"]["by_strength"]
+        for key, label in (("edited", "img2img: recoloured and kept"), ("recoloured", "img2img: asked colour"),
+                           ("kept", "img2img: shape, size, position kept")):
+            y = [r[key] for r in rows]
+            yerr = [[v - r[key + "_ci"][0] for v, r in zip(y, rows)], [r[key + "_ci"][1] - v for v, r in zip(y, rows)]]
+            ax.errorbar([r["strength"] for r in rows], y, yerr=yerr, fmt="o-", capsize=3, label=label)
+        inpaint = edits["inpaint"]
+        ax.axhline(inpaint["recoloured"], color="k", ls="--", label="inpaint: masked object as asked")
+        ax.axhline(inpaint["other_kept"], color="grey", ls=":", label="inpaint: other object kept")
+        ax.set(xlabel="img2img strength s", ylim=(0, 1.02),
+               title=f"editing, n = {edits['recolour']['n']} each (s = {edits['recolour']['guidance_scale']:g})")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
