@@ -377,27 +377,28 @@ def _plot_eval(report, path):
     edits = report.get("edits")
     panels = 1 + bool(report["sampler_sweep"]) + bool(report["guidance_methods"]) + bool(edits)
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), squeeze=False)
-    axes = list(axes.flat)
+    panel = iter(axes.flat)  # left to right: guidance sweep, samplers, classifier guidance, edits (those present)
+    ax = next(panel)
     sweep = report["guidance_sweep"]
     for dodge, kind in zip((-0.04, 0.0, 0.04), ("single", "two", "held_out")):  # dodge: bars side by side
         y = [r["fidelity"][kind]["all_correct"] for r in sweep]
         lo, hi = zip(*(r["fidelity"][kind]["all_correct_ci"] for r in sweep))
         yerr = [[v - a for v, a in zip(y, lo)], [b - v for v, b in zip(y, hi)]]  # below, above
-        axes[0].errorbar([r["guidance_scale"] + dodge for r in sweep], y, yerr=yerr, fmt="o-", capsize=3, label=kind)
+        ax.errorbar([r["guidance_scale"] + dodge for r in sweep], y, yerr=yerr, fmt="o-", capsize=3, label=kind)
     if report.get("final"):  # the headline figures: fresh prompts at the best scale, drawn as squares
         final = report["final"]
         for dodge, kind in zip((-0.04, 0.0, 0.04), ("single", "two", "held_out")):
             f = final["fidelity"][kind]
             lo, hi = f["all_correct_ci"]
-            axes[0].errorbar([final["guidance_scale"] + dodge], [f["all_correct"]], capsize=3, fmt="ks", ms=4,
+            ax.errorbar([final["guidance_scale"] + dodge], [f["all_correct"]], capsize=3, fmt="ks", ms=4,
                              yerr=[[f["all_correct"] - lo], [hi - f["all_correct"]]],
                              label=f"final, n={f['n']} per kind" if kind == "single" else None)
-    axes[0].set(xlabel="guidance scale s", ylabel="all mentioned attributes right", ylim=(0, 1.02),
+    ax.set(xlabel="guidance scale s", ylabel="all mentioned attributes right", ylim=(0, 1.02),
                 title="fidelity vs classifier-free guidance (DDIM)\nbars: 95 % Wilson intervals")
-    axes[0].legend()
+    ax.legend()
     if report["sampler_sweep"]:
         ddim = [r for r in report["sampler_sweep"] if r["sampler"] == "ddim"]
-        ax = axes[1]
+        ax = next(panel)
         ax.plot([r["steps"] for r in ddim], [r["fidelity"]["single"]["all_correct"] for r in ddim], "o-", label="DDIM")
         for r in report["sampler_sweep"]:
             if r["sampler"] == "ddpm":
@@ -406,7 +407,7 @@ def _plot_eval(report, path):
                title=f"single-object fidelity vs steps (s = {report['best_guidance_scale']:g})")
         ax.legend()
     if report["guidance_methods"]:
-        ax = axes[-1 - bool(edits)]
+        ax = next(panel)
         methods = report["guidance_methods"]
         for name, label in (("classifier", "unconditional + classifier γ"), ("cfg+classifier", "CFG + classifier γ")):
             rows = [r for r in methods if r["method"] == name or (name == "classifier" and r["method"] == "unconditional")]
@@ -419,7 +420,7 @@ def _plot_eval(report, path):
                title="classifier guidance vs CFG (single objects)")
         ax.legend(fontsize=8)
     if edits:  # img2img recolouring against the strength, and the inpainting shares as dashed lines
-        ax, rows = axes[-1], edits["recolour"]["by_strength"]
+        ax, rows = next(panel), edits["recolour"]["by_strength"]
         for key, label in (("edited", "img2img: recoloured and kept"), ("recoloured", "img2img: asked colour"),
                            ("kept", "img2img: shape, size, position kept")):
             y = [r[key] for r in rows]

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinyldm.autoencoder import Autoencoder, AutoencoderConfig, check_autoencoder_config
-from tinyldm.diffusion import (DiffusionConfig, NoiseSchedule, _progress, ddim_sample, ddim_timesteps, ddpm_sample,
+from tinyldm.diffusion import (DiffusionConfig, NoiseSchedule, _initial_noise, _progress, ddim_sample, ddim_timesteps, ddpm_sample,
                                diffusion_loss, make_beta_schedule, make_guided_eps, scale_is, sdedit_timesteps,
                                training_timesteps)
 from tinyldm.text_encoder import (BOS, PAD, TextEncoder, TextEncoderConfig, check_text_encoder_config, load_tokenizer,
@@ -64,10 +64,8 @@ class LatentDiffusion(nn.Module):
         self.image_size = int(image_size)  # H = W of the images the autoencoder works at
         # z0 = (z − shift) · scale, so that the diffusion model sees unit-variance latents (LDM Sec. 4.3.2,
         # App. G). Each is one number (CompVis' scale_by_std, shift 0) or one per latent channel.
-        self.scale_factor = latent_constant(scale_factor, autoencoder_cfg.z_channels, "scale_factor")
+        self.scale_factor = latent_constant(scale_factor, autoencoder_cfg.z_channels, "scale_factor", positive=True)
         self.latent_shift = latent_constant(latent_shift, autoencoder_cfg.z_channels, "latent_shift")
-        if min(torch.tensor(self.scale_factor).view(-1)) <= 0:
-            raise ValueError(f"scale_factor must be > 0, got {self.scale_factor}")
         # with UNet.keep_attention_weights(True), the cross-attention weights of a sampler's last U-Net call
         # per CFG pass: {"cond": {layer: (B, heads, HW, L)}, "uncond": {...}} (see _unet_output_by_pass)
         self.attention_weights = {}
@@ -88,12 +86,12 @@ class LatentDiffusion(nn.Module):
     def normalize_latents(self, z):
         """Autoencoder latents z (B, z, h, w) -> diffusion latents z0 = (z − shift) · scale."""
         shift, scale = self._per_channel(self.latent_shift, z), self._per_channel(self.scale_factor, z)
-        return (z - shift) * scale                                          # (B, z, h, w)
+        return (z - shift) * scale                  # LDM Sec. 4.3.2, per channel: z0 = (z − μ_c)/σ_c  (B, z, h, w)
 
     def denormalize_latents(self, z0):
         """Diffusion latents z0 (B, z, h, w) -> autoencoder latents z = z0 / scale + shift."""
         shift, scale = self._per_channel(self.latent_shift, z0), self._per_channel(self.scale_factor, z0)
-        return z0 / scale + shift                                           # (B, z, h, w)
+        return z0 / scale + shift                   # the inverse: z = σ_c·z0 + μ_c  (B, z, h, w)
 
     @staticmethod
     def _per_channel(value, z):
@@ -181,7 +179,7 @@ class LatentDiffusion(nn.Module):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         self._check_scales(len(prompts), guidance_scale, classifier_grad, classifier_scale)
         shape = (len(prompts), *self.latent_shape)                         # (B, z, h, w)
-        x_T = None if x_T is None else x_T.to(self.device)
+        x_T = self._on_device(x_T)
         with self._evaluating():
             # 1–2. the prompts' contexts and the guided noise prediction ε̃(z_t, t)
             eps_fn = self._guided_eps(prompts, guidance_scale, classifier_grad, classifier_scale)
@@ -266,7 +264,7 @@ class LatentDiffusion(nn.Module):
         timesteps = sdedit_timesteps(self.schedule.T, steps, strength)     # τ_0 > … > τ_n, all ≤ t0
         with self._evaluating():
             z0 = self.encode_images(images.to(self.device), sample=False).float()  # (B, z, h, w)
-            eps = self._start_noise(z0, noise, generator)                   # ε (B, z, h, w)
+            eps = _initial_noise(self.schedule, z0.shape, generator, self._on_device(noise))  # ε (B, z, h, w)
             t_start = timesteps[0]
             # DDPM Eq. 4: z_{τ_0} = √ᾱ·z0 + √(1−ᾱ)·ε; at τ_0 = T−1, z_T = ε (the sampler's convention)
             z_t = eps if t_start == self.schedule.T - 1 else self.schedule.q_sample(z0, t_start, eps)
@@ -304,7 +302,7 @@ class LatentDiffusion(nn.Module):
         with self._evaluating():
             z0 = self.encode_images(images.to(self.device), sample=False).float()  # (B, z, h, w)
             repaint = self.latent_mask(masks.to(self.device))               # (B, 1, h, w) bool
-            eps = self._start_noise(z0, noise, generator)                   # ε = z_T (B, z, h, w)
+            eps = _initial_noise(self.schedule, z0.shape, generator, self._on_device(noise))  # ε = z_T (B, z, h, w)
 
             def keep_known(z_t, t):  # RePaint Eq. 8: z = m ⊙ z_unknown + (1 − m) ⊙ z_known (our m: repaint)
                 z_known = z0 if t < 0 else self.schedule.q_sample(z0, t, eps)  # DDPM Eq. 4 at step t
@@ -353,12 +351,9 @@ class LatentDiffusion(nn.Module):
         fresh = torch.randn(z_prev.shape, generator=generator, device=z_prev.device, dtype=z_prev.dtype)
         return math.sqrt(ratio) * z_prev + math.sqrt(1 - ratio) * fresh    # DDPM Eq. 2, composed
 
-    def _start_noise(self, z0, noise, generator):
-        """ε ~ N(0, I) shaped as z0, drawn as generate draws x_T, unless the caller gives it."""
-        if noise is not None:
-            return noise.to(z0.device)
-        betas = self.schedule.betas
-        return torch.randn(z0.shape, generator=generator, device=betas.device, dtype=betas.dtype)
+    def _on_device(self, x):
+        """A caller's tensor (a fixed x_T or ε) on the model's device; None stays None (then it is drawn)."""
+        return None if x is None else x.to(self.device)
 
     def _check_edit_inputs(self, images, prompts, noise, guidance_scale, classifier_grad, classifier_scale):
         """One-line ValueErrors for the inputs of img2img and inpaint; returns the prompts as a list of B."""
@@ -458,14 +453,17 @@ class LatentDiffusion(nn.Module):
         return model.eval()
 
 
-def latent_constant(value, channels, name):
-    """A latent shift or scale as stored: a float, or a list of `channels` floats; ValueError otherwise."""
+def latent_constant(value, channels, name, positive=False):
+    """A latent shift or scale as stored: a float, or a list of `channels` floats (each > 0 if `positive`);
+    ValueError otherwise."""
     per_channel = isinstance(value, (list, tuple))
     if per_channel and len(value) != channels:
         raise ValueError(f"{name} has {len(value)} entries, the autoencoder has {channels} latent channels")
     values = [float(v) for v in value] if per_channel else [float(value)]
     if not all(map(math.isfinite, values)):
         raise ValueError(f"{name} must be finite, got {value}")
+    if positive and min(values) <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
     return values if per_channel else values[0]
 
 
