@@ -1,7 +1,9 @@
 """Speed and memory benchmarks, every figure side by side in one process:
 
-    python bench.py                  # the preset's U-Net: small on CUDA, cpu on a CPU
+    python bench.py                  # the preset's U-Net: small on CUDA, cpu on a CPU; writes bench.json, bench.png
+    python bench.py --fidelity runs/cpu/eval_samplers.json   # section 6 shows the fidelity per DDIM steps
     python bench.py --quick          # DDPM timed over 100 steps and extrapolated to 1000
+    python bench.py --sections 1,5   # only some sections (1 always runs: the others use its U-Net)
     python bench.py --tiny           # everything in seconds (what the tests run)
     python bench.py --help           # every option
 
@@ -10,33 +12,43 @@
   2  samplers         DDIM-50 vs DDPM-1000 with classifier-free guidance (two U-Net calls per step)
   3  attention        written-out softmax(QKᵀ/√d)V vs F.scaled_dot_product_attention, same weights
   4  precision, compile, FLOPs   bf16 vs fp32, torch.compile vs eager (CUDA); TFLOP/s and MFU
-  5  diffusers        UNet2DConditionModel of the same size, only if diffusers is installed
+  5  diffusers        U-Net, autoencoder and DDIM loop against diffusers at equal size (benchmarks/versus_diffusers.py;
+                      only if diffusers is installed: pip install -r requirements-bench.txt)
+  6  growth           step time and activations against image size and f, MFU against batch, sampling time
+                      against DDIM steps (benchmarks/growth.py)
+  7  cpu speed        where a stage-3 step of train_small.py spends its time, and channels_last,
+                      torch.compile, threads, batch size on the CPU (benchmarks/cpu_speed.py)
 
 Every time is the median of `repeats` runs after `warmup` runs (torch.cuda.synchronize() around
 each run on CUDA). One training step = diffusion_loss forward + backward + AdamW step, with a random
 text context (B, L, d): the text encoder and the autoencoder are left out, because train_small.py
-encodes the images once and caches the latents. The U-Net is the one train_small.py builds for the
-preset (train_small.component_configs). Each figure is {"value", "unit", "note"}; a value not
-measurable here is None, and the note says why. Timings are for reading, never for tests.
+encodes the images once and caches the latents (section 7 times the whole stage-3 step). The U-Net is
+the one train_small.py builds for the preset (train_small.component_configs). Each figure is
+{"value", "unit", "note"}; a value not measurable here is None, and the note says why. bench.png
+(beside --out) draws section 6 (benchmarks/plot.py). Timings are for reading, never for tests.
 """
 
 import argparse
 import json
 import os
 import platform
-import statistics
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import train_small
+from benchmarks.common import (build_unet, conv_peak, count_flops, figure, matmul_peak, measure_training, median_time,
+                               training_step)
+from benchmarks.cpu_speed import bench_cpu_speed
+from benchmarks.growth import bench_ddim_steps, bench_mfu_by_batch, bench_size_and_f
+from benchmarks.plot import plot
+from benchmarks.versus_diffusers import bench_versus_diffusers, diffusers_version
 from tinyldm.__main__ import autocast, pick_device
-from tinyldm.diffusion import NoiseSchedule, ddim_sample, ddpm_sample, diffusion_loss, make_beta_schedule, make_guided_eps
-from tinyldm.unet import UNet, attention
+from tinyldm.diffusion import NoiseSchedule, ddim_sample, ddpm_sample, make_beta_schedule, make_guided_eps
+from tinyldm.unet import attention
 
 
 @dataclass
@@ -50,32 +62,14 @@ class BenchConfig:
     repeats: int | None = None       # timed runs whose median is reported; None: 10 on CUDA, 3 on CPU
     quick: bool = False              # DDPM runs a T = ddpm_steps schedule; its time is extrapolated to T = 1000
     ddpm_steps: int = 100            # DDPM steps actually run with quick
-    compile: bool = True             # measure torch.compile (CUDA only; compiling takes a minute)
+    compile: bool = True             # measure torch.compile: section 4 on CUDA, section 7 on a CPU (minutes there)
     tiny: bool = False               # tiny U-Net, batch 2, 16x16 images, 2 repeats, quick: all in seconds
     seed: int = 0                    # seeds weights, inputs and noise
-    out: str = "bench.json"          # where the JSON goes
+    out: str = "bench.json"          # where the JSON goes (bench.png beside it)
+    growth_batch: int | None = None  # batch of every cell of the growth table; None: 32
+    fidelity: str = ""               # an evaluate JSON with a DDIM sampler sweep: its fidelity goes beside section 6
+    sections: str = "1,2,3,4,5,6,7"  # which sections to run (section 1 always runs)
     # None fields are filled in by resolve(), from the device and the preset
-
-
-def figure(value, unit, note=""):
-    """One benchmark figure; a None value must say why in `note`."""
-    return {"value": None if value is None else float(value), "unit": unit, "note": note}
-
-
-def median_time(fn, device, warmup, repeats):
-    """Median wall time (s) of fn() over `repeats` runs, after `warmup` untimed runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,76 +86,6 @@ def unet_config(train_cfg, channels):
     """The UNetConfig train_small.py builds, with `channels` in and out (4: latents, 3: pixels)."""
     _, _, unet_cfg, _ = train_small.component_configs(train_cfg, train_cfg.vocab_size)
     return replace(unet_cfg, in_channels=channels, out_channels=channels)
-
-
-def build_unet(cfg, device, generator):
-    """A U-Net whose zero-initialised layers get small random weights: a fresh U-Net outputs exactly
-    0, which would make any comparison of outputs vacuous (the work per step is the same)."""
-    unet = UNet(cfg).to(device)
-    with torch.no_grad():
-        for p in unet.parameters():
-            if not p.any():
-                p.copy_(0.02 * torch.randn(p.shape, generator=generator))
-    return unet
-
-
-def training_step(model, module, s, x0, precision):
-    """(step, loss_fn): step() = diffusion_loss forward + backward + AdamW step on x0 and s.context.
-
-    model(x_t, t, c) -> ε̂ is what gets called (e.g. a compiled U-Net); module holds the parameters."""
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
-
-    def loss_fn():
-        with autocast(s.device, enabled=precision == "bf16"):
-            return diffusion_loss(model, s.schedule, x0, s.context, generator=s.generator)  # DDPM Eq. 14
-
-    def step():
-        loss = loss_fn()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step, loss_fn
-
-
-def saved_activation_bytes(module, loss_fn):
-    """Bytes of the tensors autograd saves for backward in one forward pass (parameters excluded)."""
-    parameters = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            storages[storage.data_ptr()] = storage.nbytes()  # views of one storage count once
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss_fn()
-    return sum(storages.values())
-
-
-def measure_training(model, module, s, x0, precision):
-    """(median step time s, CUDA peak bytes above what was allocated before or None, activation bytes)."""
-    step, loss_fn = training_step(model, module, s, x0, precision)
-    activations = saved_activation_bytes(module, loss_fn)
-    step()  # allocates the AdamW state
-    if s.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(s.device)
-    seconds = median_time(step, s.device, s.bc.warmup, s.bc.repeats)
-    peak = torch.cuda.max_memory_allocated(s.device) - s.baseline if s.device.type == "cuda" else None
-    module.zero_grad(set_to_none=True)
-    return seconds, peak, activations
-
-
-def count_flops(unet, loss_fn):
-    """FLOPs of one forward + backward (AdamW has no matmuls), counted on the written-out attention:
-    FlopCounterMode has no formula for the CPU flash kernel, and the maths is the same."""
-    unet.set_fused_attention(False)
-    with FlopCounterMode(display=False) as counter:
-        loss_fn().backward()
-    unet.set_fused_attention(unet.cfg.fused_attention)
-    unet.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,9 +168,11 @@ def max_abs_diff(written_out, fused):
     """max |fused − written-out| in strict fp32 (TF32 off for the check), and the output scale max |out|."""
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    with torch.no_grad():
-        a, b = written_out().float(), fused().float()
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        with torch.no_grad():
+            a, b = written_out().float(), fused().float()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     return (a - b).abs().max().item(), a.abs().max().item()
 
 
@@ -299,14 +225,6 @@ def bench_attention(s):
     }
 
 
-def matmul_peak(device, dtype, n, repeats):
-    """Measured matmul throughput (FLOP/s) of (n, n) @ (n, n), 2n³ FLOPs each."""
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    per_run = 10 if device.type == "cuda" else 1
-    seconds = median_time(lambda: [a @ b for _ in range(per_run)], device, 2, repeats)
-    return 2 * n**3 * per_run / seconds
-
-
 def bench_precision_compile_flops(s):
     """4. bf16 vs fp32 and compiled vs eager (CUDA only); FLOPs, achieved TFLOP/s and MFU (any device)."""
     cuda, figures = s.device.type == "cuda", {}
@@ -338,50 +256,48 @@ def bench_precision_compile_flops(s):
         figures.update({name: figure(None, unit, reason) for name, unit in names})
     flops = count_flops(s.unet, training_step(s.unet, s.unet, s, s.x0, s.precision)[1])
     achieved = flops / s.latent_step_s
-    n, dtype = (8192, torch.bfloat16) if cuda else (256 if s.bc.tiny else 2048, torch.float32)
-    peak = matmul_peak(s.device, dtype, n, s.bc.repeats)
-    dtype_name = str(dtype).removeprefix("torch.")
+    peak = s.peak_flops()
+    dtype_name = str(s.peak_flops.dtype).removeprefix("torch.")
     figures["step_gflop"] = figure(flops / 1e9, "GFLOP", "latent step, forward + backward (FlopCounterMode)")
     figures["achieved_tflops"] = figure(achieved / 1e12, "TFLOP/s", f"latent step, {s.precision}, eager")
-    figures["matmul_peak_tflops"] = figure(peak / 1e12, "TFLOP/s", f"measured {n}x{n} {dtype_name} matmuls")
-    figures["mfu"] = figure(achieved / peak, "", f"achieved / measured {dtype_name} matmul peak")
+    figures["matmul_peak_tflops"] = figure(s.peak_flops.matmul / 1e12, "TFLOP/s",
+                                           f"measured {s.peak_flops.size}² {dtype_name} matmuls")
+    figures["conv_peak_tflops"] = figure(s.peak_flops.conv / 1e12, "TFLOP/s",
+                                         f"measured 3x3 {dtype_name} convolutions on {s.peak_flops.conv_shape}")
+    figures["mfu"] = figure(achieved / peak, "", "achieved / the faster of the two measured peaks (MFU)")
     return figures
 
 
-def bench_diffusers(s):
-    """5. diffusers' UNet2DConditionModel of the same size on the same latents (only if installed).
+def setup(bc):
+    """Resolve `bc` (a BenchConfig) and build the state that every benchmark reads and fills in."""
+    device, train_cfg, (_, ae_cfg, unet_cfg, dc) = resolve(bc)
+    torch.manual_seed(bc.seed)
+    if device.type == "cuda":  # as train_small.py
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    cpu_generator = torch.Generator().manual_seed(bc.seed)  # weights and inputs: drawn on the CPU, then moved
+    peak = peak_flops_of(device, bc.tiny, bc.repeats)
+    return SimpleNamespace(
+        bc=bc, device=device, train_cfg=train_cfg, unet_cfg=unet_cfg, diffusion_cfg=dc, ae_cfg=ae_cfg,
+        f=ae_cfg.downsample_factor,
+        precision="bf16" if device.type == "cuda" else "fp32", cpu_generator=cpu_generator,
+        generator=torch.Generator(device).manual_seed(bc.seed),  # t, ε, x_T in the loss and samplers
+        schedule=NoiseSchedule(make_beta_schedule(dc.schedule, dc.T, dc.beta_start, dc.beta_end)).to(device),
+        context=torch.randn(bc.batch_size, train_cfg.max_length, train_cfg.text_width,
+                            generator=cpu_generator).to(device),  # c (B, L, d)
+        baseline=0,  # CUDA bytes allocated before the model being measured was built
+        peak_flops=peak,  # () -> FLOP/s, measured at the first call
+        unet=None, x0=None, latent_step_s=None,  # the latent U-Net, its x0 and step time, set by section 1
+        diffusers_configs={})  # the configs of section 5's diffusers models
 
-    Returns (figures, comparison record)."""
-    names = (("diffusers_step_s", "s"), ("diffusers_over_tinyldm", "x"), ("diffusers_params_m", "M"))
-    try:
-        import diffusers
-    except ImportError:
-        return ({name: figure(None, unit, "diffusers not installed") for name, unit in names},
-                {"diffusers": None, "reason": "diffusers not installed"})
-    cfg, levels = s.unet_cfg, range(len(s.unet_cfg.channel_mult))
-    try:
-        model = diffusers.UNet2DConditionModel(
-            sample_size=s.x0.shape[-1], in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-            block_out_channels=tuple(cfg.model_channels * m for m in cfg.channel_mult),
-            layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim,
-            attention_head_dim=cfg.num_heads,  # diffusers' legacy name: this is the number of heads
-            transformer_layers_per_block=cfg.transformer_depth, norm_num_groups=cfg.num_groups,
-            down_block_types=tuple("CrossAttnDownBlock2D" if i in cfg.attention_levels else "DownBlock2D"
-                                   for i in levels),
-            up_block_types=tuple("CrossAttnUpBlock2D" if i in cfg.attention_levels else "UpBlock2D"
-                                 for i in reversed(levels))).to(s.device)
-        s.baseline = torch.cuda.memory_allocated(s.device) if s.device.type == "cuda" else 0
-        seconds = measure_training(lambda x_t, t, c: model(x_t, t, encoder_hidden_states=c).sample, model,
-                                   s, s.x0, s.precision)[0]
-    except Exception as e:  # a diffusers API change must not sink the other figures
-        return ({name: figure(None, unit, f"diffusers {diffusers.__version__} failed: {e!r}") for name, unit in names},
-                {"diffusers": diffusers.__version__, "reason": f"failed: {e!r}"})
-    params = sum(p.numel() for p in model.parameters())
-    return ({"diffusers_step_s": figure(seconds, "s", f"UNet2DConditionModel, same latents, {s.precision}"),
-             "diffusers_over_tinyldm": figure(seconds / s.latent_step_s, "x",
-                                              "diffusers step time / tinyldm step time (> 1: tinyldm is faster)"),
-             "diffusers_params_m": figure(params / 1e6, "M", "parameters (tinyldm: see config.unet_params_m)")},
-            {"diffusers": diffusers.__version__, "config": dict(model.config)})
+
+def bench_growth(s):
+    """6. How cost grows: image size and f, MFU against batch, DDIM steps (benchmarks/growth.py)."""
+    return {**bench_size_and_f(s), **bench_mfu_by_batch(s), **bench_ddim_steps(s)}
+
+
+SECTIONS = {"1": bench_latent_vs_pixel, "2": bench_sampling, "3": bench_attention,
+            "4": bench_precision_compile_flops, "5": bench_versus_diffusers, "6": bench_growth,
+            "7": bench_cpu_speed}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,10 +316,15 @@ def add_arguments(parser):
     add("--repeats", type=int, help="timed runs, median reported (default: 10 on CUDA, 3 on CPU; 2 with --tiny)")
     add("--quick", action="store_true", help="run --ddpm-steps DDPM steps and extrapolate the time to 1000")
     add("--ddpm-steps", type=int, default=100, help="DDPM steps actually run with --quick")
-    add("--no-compile", dest="compile", action="store_false", help="skip the torch.compile figures (CUDA)")
+    add("--no-compile", dest="compile", action="store_false",
+        help="skip the torch.compile figures (section 4 on CUDA, section 7 on a CPU, where compiling takes minutes)")
     add("--tiny", action="store_true", help="tiny U-Net and batch, few repeats, --quick: the whole bench in seconds")
     add("--seed", type=int, default=0, help="seeds weights, inputs and noise")
-    add("--out", default="bench.json", help="JSON output path")
+    add("--out", default="bench.json", help="JSON output path; the plot goes beside it as .png")
+    add("--growth-batch", type=int, help="batch of every cell of the growth table (default: 32; 2 with --tiny)")
+    add("--fidelity", default="", help="an evaluate JSON with a DDIM sampler sweep (evaluate --samplers "
+                                       "ddim10,ddim20,...): its fidelity per step count goes beside section 6")
+    add("--sections", default="1,2,3,4,5,6,7", help="comma-separated sections to run; 1 always runs")
     return parser
 
 
@@ -424,13 +345,21 @@ def resolve(bc):
             "batch_size": 2 if bc.tiny else train_cfg.batch_size,
             "sample_batch": 2 if bc.tiny else 64 if cuda else 16,
             "warmup": 1 if bc.tiny else 3 if cuda else 1,
-            "repeats": 2 if bc.tiny else 10 if cuda else 3}
+            "repeats": 2 if bc.tiny else 10 if cuda else 3,
+            "growth_batch": 2 if bc.tiny else 32}
     for name, value in auto.items():
         if getattr(bc, name) is None:
             setattr(bc, name, value)
-    for name in ("image_size", "batch_size", "sample_batch", "warmup", "repeats", "ddpm_steps"):
+    for name in ("image_size", "batch_size", "sample_batch", "warmup", "repeats", "ddpm_steps", "growth_batch"):
         if getattr(bc, name) < 1:
             raise ValueError(f"{name} must be >= 1; got {getattr(bc, name)}")
+    if not Path(bc.out).resolve().parent.is_dir():
+        raise ValueError(f"--out {bc.out}: no such folder {Path(bc.out).resolve().parent}")
+    if bc.fidelity and not Path(bc.fidelity).is_file():
+        raise ValueError(f"--fidelity {bc.fidelity}: no such file (an evaluate JSON with a sampler sweep)")
+    chosen = set(bc.sections.replace(" ", "").split(",")) - {""}
+    if not chosen <= set(SECTIONS):
+        raise ValueError(f"--sections takes numbers among {','.join(SECTIONS)}; got {bc.sections!r}")
     configs = train_small.component_configs(train_cfg, train_cfg.vocab_size)
     _, ae_cfg, unet_cfg, _ = configs
     f = ae_cfg.downsample_factor
@@ -439,6 +368,25 @@ def resolve(bc):
         raise ValueError(f"image_size must be a multiple of {multiple} (f = {f} times the U-Net's "
                          f"downsampling); got {bc.image_size}")
     return device, train_cfg, configs
+
+
+def peak_flops_of(device, tiny, repeats):
+    """A function that measures the peak (FLOP/s) once, the first time it is called, and then returns it:
+    the faster of an (n, n) matmul and a 3×3 convolution, bf16 on CUDA (n = 8192), fp32 on a CPU (n = 2048;
+    small sizes with --tiny). Its attributes say what each kernel reached (peak.matmul, peak.conv)."""
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+
+    def peak():
+        if peak.matmul is None:
+            peak.matmul = matmul_peak(device, dtype, peak.size, repeats)
+            peak.conv = conv_peak(device, dtype, peak.conv_shape, repeats)
+        return max(peak.matmul, peak.conv)
+
+    peak.size = 8192 if cuda else 256 if tiny else 2048
+    peak.conv_shape = (64, 512, 32, 32) if cuda else (2, 32, 8, 8) if tiny else (16, 512, 16, 16)
+    peak.dtype, peak.matmul, peak.conv = dtype, None, None
+    return peak
 
 
 def cpu_name():
@@ -456,55 +404,51 @@ def print_table(figures):
         print(f"{name:<26} {value:>11}  {fig['unit']:<8} {fig['note']}")
 
 
-def setup(bc):
-    """Resolve `bc` (a BenchConfig) and build the state that every benchmark reads and fills in."""
-    device, train_cfg, (_, ae_cfg, unet_cfg, dc) = resolve(bc)
-    torch.manual_seed(bc.seed)
-    if device.type == "cuda":  # as train_small.py
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    cpu_generator = torch.Generator().manual_seed(bc.seed)  # weights and inputs: drawn on the CPU, then moved
-    return SimpleNamespace(
-        bc=bc, device=device, train_cfg=train_cfg, unet_cfg=unet_cfg, diffusion_cfg=dc, f=ae_cfg.downsample_factor,
-        precision="bf16" if device.type == "cuda" else "fp32", cpu_generator=cpu_generator,
-        generator=torch.Generator(device).manual_seed(bc.seed),  # t, ε, x_T in the loss and samplers
-        schedule=NoiseSchedule(make_beta_schedule(dc.schedule, dc.T, dc.beta_start, dc.beta_end)).to(device),
-        context=torch.randn(bc.batch_size, train_cfg.max_length, train_cfg.text_width,
-                            generator=cpu_generator).to(device),  # c (B, L, d)
-        baseline=0,  # CUDA bytes allocated before the model being measured was built
-        unet=None, x0=None, latent_step_s=None)  # the latent U-Net, its x0 and step time, set by section 1
-
-
 def run(args):
-    """Run every benchmark, print the table, write JSON to args.out and return the results dict."""
+    """Run the chosen sections, print the table, write JSON to args.out (after every section, so a crash
+    keeps what was measured), draw bench.png beside it when section 6 ran, and return the results dict."""
     bc = BenchConfig(**{f.name: getattr(args, f.name) for f in fields(BenchConfig) if hasattr(args, f.name)})
     s = setup(bc)
-    device, f = s.device, s.f
+    device = s.device
     started = time.perf_counter()
-    figures = {**bench_latent_vs_pixel(s), **bench_sampling(s), **bench_attention(s),
-               **bench_precision_compile_flops(s)}
-    diffusers_figures, comparison = bench_diffusers(s)
-    figures.update(diffusers_figures)
+    chosen = {"1"} | set(bc.sections.replace(" ", "").split(","))
     results = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "device_type": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "load_average": list(os.getloadavg()), "wall_s": time.perf_counter() - started,
-        "config": {"bench": asdict(bc), "precision": s.precision, "unet": asdict(s.unet_cfg),
-                   "unet_params_m": sum(p.numel() for p in s.unet.parameters()) / 1e6,
-                   "latent_shape": list(s.x0.shape[1:]), "pixel_shape": [3, bc.image_size, bc.image_size],
-                   "context_shape": list(s.context.shape), "f": f,
-                   "training_step": "diffusion_loss forward + backward + AdamW step, random context; the "
+        "load_average": list(os.getloadavg()), "wall_s": None, "sections": [],
+        "config": {"bench": asdict(bc), "precision": s.precision, "f": s.f,
+                   "training_step": "diffusion_loss forward + backward + AdamW step on the U-Net alone, random "
+                                    "context: ε-prediction, t uniform, no context mask (train_small.py: v, 3/4 of t "
+                                    "from the noisiest 40 %, masked context: section 7 times that step); the "
                                     "latent step excludes the encoder (train_small.py caches latents)",
                    "peak_memory": "torch.cuda.max_memory_allocated on CUDA; None on CPU",
                    "activations": "bytes of the tensors saved for backward in one forward (any device)"},
-        "figures": figures,
-        "comparison": comparison,
+        "figures": {},
+        "diffusers": diffusers_version(),
+        "diffusers_configs": s.diffusers_configs,  # the diffusers models of section 5, as built
     }
     print(f"tinyldm bench: {results['device']} ({device.type}), torch {torch.__version__}, preset {bc.preset}, "
           f"batch {bc.batch_size}, {bc.image_size}x{bc.image_size} images, {s.precision}, "
           f"median of {bc.repeats} after {bc.warmup} warm-up; load average {results['load_average'][0]:.1f}")
-    print_table(figures)
+    for number, section in SECTIONS.items():
+        if number in chosen:
+            print(f"section {section.__doc__.splitlines()[0]}", flush=True)
+            results["figures"].update(section(s))
+            results["sections"].append(number)
+            results["wall_s"] = time.perf_counter() - started
+            if number == "1":
+                results["config"].update(unet=asdict(s.unet_cfg), latent_shape=list(s.x0.shape[1:]),
+                                         unet_params_m=sum(p.numel() for p in s.unet.parameters()) / 1e6,
+                                         pixel_shape=[3, bc.image_size, bc.image_size],
+                                         context_shape=list(s.context.shape))
+            Path(bc.out).write_text(json.dumps(results, indent=2, default=str))
+    results["load_average_end"] = list(os.getloadavg())
+    print_table(results["figures"])
     Path(bc.out).write_text(json.dumps(results, indent=2, default=str))
-    print(f"wrote {bc.out}")
+    png = Path(bc.out).with_suffix(".png")
+    if "6" in chosen:
+        plot(results, png)
+    print(f"wrote {bc.out}" + (f" and {png}" if "6" in chosen else ""))
     return results
 
 

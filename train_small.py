@@ -72,7 +72,8 @@ class TrainConfig:
     overwrite: bool = False         # delete an existing run folder of the same name first
     seed: int = 0                   # seeds the dataset, the weights and every batch
     device: str = "auto"            # auto | cpu | cuda | cuda:N
-    compile: bool = False           # torch.compile the U-Net (CUDA; pays off only for long runs)
+    compile: bool = False           # torch.compile the U-Net (CUDA; pays off only for long runs; on a CPU, never)
+    channels_last: bool = True      # stage 3: U-Net and latents in NHWC memory order (faster on a CPU: bench.py)
     threads: int = 0                # CPU threads for torch; 0 = the cores not already busy (see cpu_threads)
     # data
     image_size: int = 32            # pixels per side (Shapes: 32 or 64)
@@ -135,7 +136,7 @@ PRESETS = {
                   ae_batch_size=128, text_width=256, text_layers=4, unet_channels=128, unet_res_blocks=2,
                   unet_mult=(1, 2, 2), unet_attention=(1, 2), heads=8, steps=10000, batch_size=256,
                   lr=3e-4, warmup=500, ema_decay=0.999, classifier_steps=2000, classifier_channels=64,
-                  checkpoint_every=1000, sample_every=2500),
+                  checkpoint_every=1000, sample_every=2500, channels_last=False),
 }
 # where the run folder is (it may be moved or renamed) and how it is watched, not what it trains
 RESUME_MAY_CHANGE = {"name", "runs_dir", "resume", "overwrite", "device", "compile", "threads", "log_every",
@@ -775,6 +776,8 @@ def train_diffusion(run, model, latents, prompts, checkpoint):
     copy of the model, the one that is sampled from and saved."""
     cfg, device, timer = run.cfg, run.device, time.time()
     model.autoencoder.requires_grad_(False)
+    if cfg.channels_last:  # NHWC: oneDNN's convolutions skip a reorder per call (same maths, last bits differ)
+        model.unet.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False)  # its text encoder and U-Net follow the EMA
     denoiser = run.parallel(model)  # forward() = the loss on latents (ldm.py)
     if cfg.compile:
@@ -808,6 +811,8 @@ def train_diffusion(run, model, latents, prompts, checkpoint):
         generator = step_generator(run.generator, cfg, 3, step, run.rank)
         idx = torch.randint(len(latents.mean), (cfg.batch_size,), generator=generator, device=device)
         z0 = latents.sample_z0(idx, model, generator)                           # (B, z, h, w)
+        if cfg.channels_last:
+            z0 = z0.contiguous(memory_format=torch.channels_last)               # (B, z, h, w) in NHWC order
         # 2. learning rate: linear warm-up, then cosine
         lr = learning_rate(step, cfg.lr, cfg.warmup, cfg.steps)
         for group in opt.param_groups:

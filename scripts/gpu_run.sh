@@ -4,8 +4,8 @@
 #
 #   bash scripts/gpu_run.sh RESULTS_DIR [train_small.py flags ...]
 #
-# RESULTS_DIR receives at most 8 small files: train.log, metrics.json, eval.json, eval.png,
-# bench.json, samples_final.png, loss.png, reconstructions.png. The run folder itself (with the
+# RESULTS_DIR receives at most 9 small files: train.log, metrics.json, eval.json, eval.png,
+# bench.json, bench.png, samples_final.png, loss.png, reconstructions.png. The run folder itself (with the
 # weights) goes to runs/gpu. EVAL_PROMPTS (default 32) sets the prompts per kind of evaluate's sweeps,
 # EVAL_FINAL (default 1100) the fresh prompts per kind of its headline figures.
 # Rehearse on a CPU: EVAL_PROMPTS=2 EVAL_FINAL=3 BENCH_FLAGS=--tiny bash scripts/gpu_run.sh /tmp/rehearsal --preset tiny
@@ -23,7 +23,7 @@ python train_small.py --preset small --runs-dir runs --name gpu --overwrite "$@"
 echo "train_small.py: $(( $(date +%s) - start )) s wall" | tee -a "$results/train.log"
 cp runs/gpu/metrics.json runs/gpu/samples_final.png runs/gpu/loss.png runs/gpu/reconstructions.png "$results/"
 python -m tinyldm evaluate --run runs/gpu --out "$results/eval.json" --prompts-per-kind "$prompts" \
-  --guidance 1,2,3,5,7 --samplers ddim10,ddim20,ddim50,ddim100,ddpm --sweep-prompts "$prompts" \
+  --guidance 1,2,3,5,7 --samplers ddim10,ddim20,ddim50,ddim100,ddim1000,ddpm --sweep-prompts "$prompts" \
   --classifier-scales 0,1,3,10 --final-images "${EVAL_FINAL:-1100}" 2>&1 | tr '\r' '\n' | grep -v 'it/s\]$\|s/it\]$' | tee -a "$results/train.log"
-python bench.py --out "$results/bench.json" ${BENCH_FLAGS:-} 2>&1 | tee -a "$results/train.log"
+python bench.py --out "$results/bench.json" --fidelity "$results/eval.json" ${BENCH_FLAGS:-} 2>&1 | tee -a "$results/train.log"
 echo "all: $(( $(date +%s) - start )) s wall" | tee -a "$results/train.log"

@@ -85,10 +85,12 @@ def test_encode_rejects_bad_images():
     check_autoencoder_config(model.cfg, image_size=16)
 
 
-def test_attention_matches_scaled_dot_product_attention():
-    """The hand-written softmax(QKᵀ/√d)V over HW positions equals F.scaled_dot_product_attention."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_matches_scaled_dot_product_attention(fused):
+    """Both paths of the block, fused and written out, equal x + proj_out(SDPA(q, k, v)) computed with the
+    1×1 convs themselves on the feature map: the projections as matmuls over tokens are those convs."""
     torch.manual_seed(0)
-    block = AttnBlock(8, num_groups=4)
+    block = AttnBlock(8, num_groups=4, fused=fused)
     x = torch.randn(2, 8, 5, 3)
     B, C, H, W = x.shape
     h = block.norm(x)
