@@ -16,8 +16,10 @@ the latent cache and the learning-rate schedule (a few µs of Python); autocast 
   7  optimizer      AdamW's implementation: one tensor at a time (torch's default on a CPU), foreach
                     (one call per operation for all tensors) and fused (one kernel), same maths
 
-Every time is a median of `repeats` after `warmup` runs; steps 2, 3, 5, 6 and 7 are timed in alternation
-(common.median_times), so a change in the machine's load hits every option alike. Every option starts from the
+Every time is a median of `repeats` after `warmup` runs; steps 2, 3, 6 and 7 are timed in alternation
+(common.median_times), so a change in the machine's load hits every option alike; the thread counts are
+timed in a block of their own (switching the count resizes torch's thread pool, which would slow the next
+option). The compile time is that of this process: a cold inductor cache takes far longer than a warm one. Every option starts from the
 same weights (torch.manual_seed(seed) before each build; the global RNG is restored at the end), the same
 inputs (drawn once from s.cpu_generator) and, at every step, the same t, ε and caption dropout (a step
 generator re-seeded before each step, as train_small.step_generator re-seeds it). CPU only: on CUDA
@@ -127,10 +129,6 @@ def make_step(s, inputs, batch, channels_last=None, compile=False, adamw=None):
     return step
 
 
-def timed(s, step):
-    return median_time(step, s.device, s.bc.warmup, s.bc.repeats)
-
-
 def group_of(event):
     """The group of a profiled op: that of the nearest op, itself or one it runs inside, whose name is in a
     group (AdamW's aten::sqrt counts as optimizer, being inside Optimizer.step); "other" when none is."""
@@ -164,8 +162,9 @@ def profile(s, step):
     return figures
 
 
-def compile_figures(s, inputs, baseline):
-    """4. model.unet.compile(): the first step (compiles forward and backward), then the median step."""
+def compile_figures(s, inputs):
+    """4. model.unet.compile(): the first step (compiles forward and backward), then the compiled step and the
+    eager one (the preset's), timed in alternation."""
     names = [(name, unit) for name, unit in NAMES if name.startswith(("compile_cpu_", "compiled_cpu_"))]
     if not s.bc.compile:
         return {name: figure(None, unit, "--no-compile") for name, unit in names}
@@ -174,20 +173,22 @@ def compile_figures(s, inputs, baseline):
         start = time.perf_counter()
         step()
         compile_s = time.perf_counter() - start
-        compiled = timed(s, step)
+        eager, compiled = median_times([make_step(s, inputs, s.bc.batch_size), step], s.device, s.bc.warmup,
+                                       s.bc.repeats)
     except Exception as e:  # e.g. no C compiler for inductor: the other figures stand
         return {name: figure(None, unit, f"torch.compile failed: {e!r}"[:300]) for name, unit in names}
-    saved, steps = baseline - compiled, s.train_cfg.steps
+    saved, steps = eager - compiled, s.train_cfg.steps
     figures = {
         "compile_cpu_time_s": figure(compile_s, "s", "first step of model.unet.compile()'d model: compiles "
                                                      "forward + backward, and runs the step once"),
-        "compiled_cpu_step_s": figure(compiled, "s", "median step after the first, compiled U-Net, eager text encoder"),
-        "compile_cpu_speedup": figure(baseline / compiled, "x", "stage3_step_s / compiled_cpu_step_s"),
-        "compile_cpu_net_s_in_run": figure(saved * steps - compile_s, "s", f"(stage3_step_s - compiled_cpu_step_s) "
-                                           f"x {steps} steps - compile_cpu_time_s: > 0 saved, < 0 lost over stage 3"),
+        "compiled_cpu_step_s": figure(compiled, "s", f"median step after the first, compiled U-Net, eager text "
+                                                     f"encoder; the eager step timed with it: {eager:.4f} s"),
+        "compile_cpu_speedup": figure(eager / compiled, "x", "eager step / compiled step, timed in alternation"),
+        "compile_cpu_net_s_in_run": figure(saved * steps - compile_s, "s", f"(eager - compiled step) x {steps} "
+                                           f"steps - compile_cpu_time_s: > 0 saved, < 0 lost over stage 3"),
     }
     figures["compile_cpu_payback_steps"] = (
-        figure(compile_s / saved, "steps", "compile_cpu_time_s / (stage3_step_s - compiled_cpu_step_s)")
+        figure(compile_s / saved, "steps", "compile_cpu_time_s / (eager - compiled step)")
         if saved > 0 else figure(None, "steps", "never: the compiled step is not faster than the eager one"))
     return figures
 
@@ -223,28 +224,29 @@ def bench_cpu_speed(s):
         shape = tuple(inputs[0].shape[1:])
         n = torch.get_num_threads()
         what = f"one stage-3 step (text encoder + U-Net fwd/bwd, clip, AdamW, EMA), z0 {shape}, batch {B}"
-        step = make_step(s, inputs, B)
-        figures = profile(s, step)                                                         # 1
-        # 2, 3, 5, 6, 7: the step as it is and each option, timed in alternation, so load hits all alike
         layout = "channels_last" if s.train_cfg.channels_last else "nchw"  # what the preset trains with
-        options = {"baseline": step, "nchw": make_step(s, inputs, B, channels_last=False),
+        figures = profile(s, make_step(s, inputs, B))                                      # 1
+        # 2, 3, 6, 7: each option timed in alternation with the others, so a change in load hits all alike
+        options = {"nchw": make_step(s, inputs, B, channels_last=False),
                    "channels_last": make_step(s, inputs, B, channels_last=True),
-                   "threads_1": on_one_thread(step), "batch_half": make_step(s, inputs, half),
-                   "batch_double": make_step(s, inputs, 2 * B),
+                   "batch_half": make_step(s, inputs, half), "batch_double": make_step(s, inputs, 2 * B),
                    "foreach": working(make_step(s, inputs, B, adamw="foreach")),
                    "fused": working(make_step(s, inputs, B, adamw="fused"))}
         runnable = {name: fn for name, fn in options.items() if callable(fn)}
         times = dict(zip(runnable, median_times(list(runnable.values()), s.device, s.bc.warmup, s.bc.repeats)))
-        baseline = times["baseline"]
+        baseline = times[layout]
+        # 5: one thread, timed in a block of its own after the others (switching the thread count resizes
+        # torch's thread pool, which slows whatever runs next)
+        times["threads_1"] = median_time(on_one_thread(options[layout]), s.device, s.bc.warmup, s.bc.repeats)
         figures["stage3_step_s"] = figure(baseline, "s", f"{what}, {n} thread(s), fp32, {layout} (the preset's)")
         figures["nchw_step_s"] = figure(times["nchw"], "s", "the same step, model and z0 in the default NCHW order")
         figures["channels_last_step_s"] = figure(times["channels_last"], "s", "the same step, U-Net and z0 in channels_last")
         figures["channels_last_speedup"] = figure(times["nchw"] / times["channels_last"], "x",
                                                   "nchw_step_s / channels_last_step_s")
-        figures["threads_1_step_s"] = figure(times["threads_1"], "s", "the baseline step with torch.set_num_threads(1)")
-        figures["threads_n_step_s"] = figure(baseline, "s", f"the baseline step at torch's thread count, "
-                                                            f"n = {n} (= stage3_step_s)")
-        figures["threads_speedup"] = figure(times["threads_1"] / baseline, "x", f"threads_1_step_s / threads_n_step_s, "
+        figures["threads_1_step_s"] = figure(times["threads_1"], "s", "the preset's step with torch.set_num_threads(1)")
+        figures["threads_n_step_s"] = figure(baseline, "s", f"the preset's step at torch's thread count, n = {n} "
+                                                            f"(= stage3_step_s)")
+        figures["threads_speedup"] = figure(times["threads_1"] / baseline, "x", "threads_1_step_s / threads_n_step_s, "
                                             f"n = {n}" + (" (n = 1: nothing to compare)" if n == 1 else ""))
         for name, batch in (("half", half), ("preset", B), ("double", 2 * B)):
             seconds = baseline if batch == B else times[f"batch_{name}"]
@@ -257,6 +259,6 @@ def bench_cpu_speed(s):
             else:  # an older torch without this implementation on the CPU
                 figures[f"adamw_{kind}_step_s"] = figure(None, "s", f"AdamW({kind}=True) failed: {options[kind]!r}"[:300])
                 figures[f"adamw_{kind}_speedup"] = figure(None, "x", "not measured (see the step time)")
-        del options, runnable, step
-        figures.update(compile_figures(s, inputs, baseline))                               # 4
+        del options, runnable
+        figures.update(compile_figures(s, inputs))                               # 4
     return {name: figures[name] for name, _ in NAMES}

@@ -35,8 +35,9 @@ def plot(results, path):
             points = [(x, y) for x, y in points if y is not None]
             if points:
                 ax.plot(*zip(*points), "o-", label=f"f = {f}" + (" (pixels)" if f == 1 else ""))
-        ax.set(xscale="log", yscale="log", xlabel="image size (pixels per side)", ylabel=unit, xticks=sizes,
-               xticklabels=[str(size) for size in sizes])
+        ax.set(xscale="log", yscale="log", xlabel="image size (pixels per side)", ylabel=unit)
+        ax.set_xticks(sizes, [str(size) for size in sizes], minor=False)
+        ax.set_xticks([], minor=True)  # no log-scale minor ticks: their labels collide with these
         ax.legend(fontsize=8)
     batch = results["config"]["bench"].get("growth_batch")
     axes[0].set_title(f"(a) U-Net step, batch {batch}")
@@ -46,8 +47,10 @@ def plot(results, path):
     steps = sorted(int(m[1]) for m in (re.fullmatch(r"ddim(\d+)_sample_s", n) for n in figures) if m)
     times = [_value(figures, f"ddim{n}_sample_s") for n in steps]
     ax.plot(steps, times, "o-", color="C0")
-    ax.set(xscale="log", yscale="log", xlabel="DDIM steps", ylabel="s per batch (CFG)", xticks=steps,
-           xticklabels=[str(n) for n in steps], title="(c) sampling time and fidelity")
+    ax.set(xscale="log", yscale="log", xlabel="DDIM steps", ylabel="s per batch (CFG)",
+           title="(c) sampling time and fidelity")
+    ax.set_xticks(steps, [str(n) for n in steps], minor=False)
+    ax.set_xticks([], minor=True)
     with_fidelity = [n for n in steps if "fidelity" in figures[f"ddim{n}_sample_s"]]
     if with_fidelity:
         twin = ax.twinx()
@@ -63,10 +66,11 @@ def plot(results, path):
     mfu = sorted((figures[n]["batch"], figures[n]["value"]) for n in figures if n.startswith("mfu_batch_"))
     if mfu:
         ax.plot(*zip(*mfu), "o-")
-    ax.set(xscale="log", xlabel="batch size", ylabel="achieved / measured matmul peak",
+    ax.set(xscale="log", xlabel="batch size", ylabel="achieved / measured peak FLOP/s",
            title="(d) MFU of the latent step", ylim=(0, None))
     if mfu:
-        ax.set(xticks=[b for b, _ in mfu], xticklabels=[str(b) for b, _ in mfu])
+        ax.set_xticks([b for b, _ in mfu], [str(b) for b, _ in mfu], minor=False)
+        ax.set_xticks([], minor=True)
     fig.suptitle(f"tinyldm bench: {results['device']}, torch {results['torch']}, {results['config']['precision']}, "
                  f"load average {results['load_average'][0]:.1f}", fontsize=10)
     fig.tight_layout()

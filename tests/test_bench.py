@@ -226,7 +226,7 @@ def test_none_means_the_device_and_preset_defaults():
     device, train_cfg, _ = bench.resolve(bc)
     assert device.type == "cpu" and bc.preset == "cpu"
     assert (bc.image_size, bc.batch_size) == (train_cfg.image_size, train_cfg.batch_size) == (32, 64)
-    assert (bc.sample_batch, bc.warmup, bc.repeats) == (16, 1, 3)
+    assert (bc.sample_batch, bc.warmup, bc.repeats) == (16, 1, 7)
     bc = bench.BenchConfig(device="cpu", preset="small", batch_size=8)
     bench.resolve(bc)
     assert (bc.image_size, bc.batch_size) == (64, 8)
