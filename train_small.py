@@ -138,9 +138,10 @@ PRESETS = {
                   lr=3e-4, warmup=500, ema_decay=0.999, classifier_steps=2000, classifier_channels=64,
                   checkpoint_every=1000, sample_every=2500, channels_last=False),
 }
-# where the run folder is (it may be moved or renamed) and how it is watched, not what it trains
-RESUME_MAY_CHANGE = {"name", "runs_dir", "resume", "overwrite", "device", "compile", "threads", "log_every",
-                     "checkpoint_every", "sample_every", "sample_steps", "guidance_scale"}
+# where the run folder is (it may be moved or renamed), how it is watched and how it computes (compile, memory
+# order, threads: the last bits only), not what it trains
+RESUME_MAY_CHANGE = {"name", "runs_dir", "resume", "overwrite", "device", "compile", "channels_last", "threads",
+                     "log_every", "checkpoint_every", "sample_every", "sample_steps", "guidance_scale"}
 
 
 # ----------------------------------------------------------------------------------------------
