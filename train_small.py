@@ -73,7 +73,7 @@ class TrainConfig:
     seed: int = 0                   # seeds the dataset, the weights and every batch
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     compile: bool = False           # torch.compile the U-Net (CUDA; pays off only for long runs; on a CPU, never)
-    channels_last: bool = True      # stage 3: U-Net and latents in NHWC memory order (faster on a CPU: bench.py)
+    channels_last: bool = True      # stage 3 on a CPU: U-Net and latents in NHWC memory order (faster: bench.py)
     threads: int = 0                # CPU threads for torch; 0 = the cores not already busy (see cpu_threads)
     # data
     image_size: int = 32            # pixels per side (Shapes: 32 or 64)
@@ -777,7 +777,8 @@ def train_diffusion(run, model, latents, prompts, checkpoint):
     copy of the model, the one that is sampled from and saved."""
     cfg, device, timer = run.cfg, run.device, time.time()
     model.autoencoder.requires_grad_(False)
-    if cfg.channels_last:  # NHWC: oneDNN's convolutions skip a reorder per call (same maths, last bits differ)
+    nhwc = cfg.channels_last and device.type == "cpu"  # measured on a CPU only (bench.py section 7)
+    if nhwc:  # NHWC: oneDNN's convolutions skip a reorder per call (same maths, last bits differ)
         model.unet.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False)  # its text encoder and U-Net follow the EMA
     denoiser = run.parallel(model)  # forward() = the loss on latents (ldm.py)
@@ -812,7 +813,7 @@ def train_diffusion(run, model, latents, prompts, checkpoint):
         generator = step_generator(run.generator, cfg, 3, step, run.rank)
         idx = torch.randint(len(latents.mean), (cfg.batch_size,), generator=generator, device=device)
         z0 = latents.sample_z0(idx, model, generator)                           # (B, z, h, w)
-        if cfg.channels_last:
+        if nhwc:
             z0 = z0.contiguous(memory_format=torch.channels_last)               # (B, z, h, w) in NHWC order
         # 2. learning rate: linear warm-up, then cosine
         lr = learning_rate(step, cfg.lr, cfg.warmup, cfg.steps)

@@ -16,7 +16,7 @@ the latent cache and the learning-rate schedule (a few µs of Python); autocast 
   7  optimizer      AdamW's implementation: one tensor at a time (torch's default on a CPU), foreach
                     (one call per operation for all tensors) and fused (one kernel), same maths
 
-Every time is a median of `repeats` after `warmup` runs; steps 2, 3, 6 and 7 are timed in alternation
+Every time is a median of `repeats` after `warmup` runs; steps 2, 3, 4, 6 and 7 are timed in alternation
 (common.median_times), so a change in the machine's load hits every option alike; the thread counts are
 timed in a block of their own (switching the count resizes torch's thread pool, which would slow the next
 option). The compile time is that of this process: a cold inductor cache takes far longer than a warm one. Every option starts from the

@@ -56,6 +56,8 @@ def bench_size_and_f(s):
             try:
                 seconds, _, activations = measure_training(unet, unet, state, x0, s.precision)
             except torch.cuda.OutOfMemoryError:  # one cell too large for the GPU: the others stand
+                seconds = None
+            if seconds is None:  # (freed outside the except clause, whose traceback holds the step's tensors)
                 unet = x0 = None
                 torch.cuda.empty_cache()
                 figures[f"{name}_step_s"] = figure(None, "s", f"out of memory at batch {B}")

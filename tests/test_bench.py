@@ -118,13 +118,12 @@ def test_growth_activations_follow_the_input(tiny_run):
 
 
 def test_mfu_counts_flops_linear_in_batch(tiny_run):
-    """FlopCounterMode's count per step doubles with the batch; MFU = FLOP/s / the peak stays in (0, 1]."""
+    """FlopCounterMode's count per step doubles with the batch (no timing is checked)."""
     figures = tiny_run[0]["figures"]
     one, two, four = (figures[f"mfu_batch_{k}x"] for k in (1, 2, 4))
     assert two["batch"] == 2 * one["batch"] and four["batch"] == 4 * one["batch"]
     assert two["gflop"] == pytest.approx(2 * one["gflop"], rel=1e-6)
     assert four["gflop"] == pytest.approx(4 * one["gflop"], rel=1e-6)
-    assert all(fig["value"] > 0 for fig in (one, two, four))
 
 
 class Event:  # what group_of reads of a torch.profiler event: its name and the op it runs inside
@@ -143,7 +142,9 @@ def test_cpu_profile_groups_ops_by_what_they_run_inside(tiny_run):
     assert group_of(Event("aten::addmm", Event("aten::linear"))) == "matmul"
     assert group_of(Event("aten::mul", Event("aten::silu"))) == "other"
     figures = tiny_run[0]["figures"]
-    assert all(0 <= fig["value"] <= 1 for name, fig in figures.items() if name.startswith("profile_") and name.endswith("_share"))
+    shares = {name: fig["value"] for name, fig in figures.items() if name.startswith("profile_") and name.endswith("_share")}
+    assert len(shares) == 6 and sum(shares.values()) == pytest.approx(1)  # every op in exactly one group
+    assert shares["profile_convolution_share"] > 0 and shares["profile_optimizer_share"] > 0  # the groups match real ops
     assert figures["compile_cpu_speedup"]["value"] is None and "--no-compile" in figures["compile_cpu_speedup"]["note"]
 
 
@@ -182,12 +183,9 @@ def test_fidelity_read_from_an_evaluate_sampler_sweep(tmp_path):
 
 
 def test_latent_over_pixel_ratio(tiny_run):
-    """pixel_over_latent = pixel step time / latent step time > 0, and pixels (f² more positions)
-    save more activations for backward than latents do: more than f²/2 times as much."""
+    """Pixels (f² more positions) save more activations for backward than latents do: more than f²/2
+    times as much."""
     figures, f = tiny_run[0]["figures"], tiny_run[0]["config"]["f"]
-    ratio = figures["pixel_over_latent"]["value"]
-    assert ratio > 0
-    assert ratio == pytest.approx(figures["pixel_step_s"]["value"] / figures["latent_step_s"]["value"], rel=1e-9)
     assert f >= 2 and figures["pixel_activations_mib"]["value"] > f * f / 2 * figures["latent_activations_mib"]["value"]
 
 

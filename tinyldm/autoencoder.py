@@ -138,8 +138,8 @@ class AttnBlock(nn.Module):
     Written out here, not imported from unet.py: it is CompVis' single-head block with 1×1-conv
     projections, and the autoencoder's assignment (4) must not run the U-Net's (5). A 1×1 conv is one
     linear map applied at every position, so the projections run as matmuls on the (B, HW, C) tokens
-    with the convs' own weights (on a CPU that is 1.6× faster for the whole autoencoder than 1×1 convs
-    on 16×16 maps: bench.py section 5). `fused` (True) runs softmax(QKᵀ/√d)V as one kernel,
+    with the convs' own weights (on a CPU, 1.6× faster inference for the whole cpu-preset autoencoder than
+    1×1 convs on its 16×16 maps: README, Performance). `fused` (True) runs softmax(QKᵀ/√d)V as one kernel,
     F.scaled_dot_product_attention; False runs the formula written out, QKᵀ in the input dtype, scale
     and softmax in float32 (the U-Net's and the text encoder's precision policy).
     """

@@ -76,9 +76,10 @@ def attention_weights(q, k, mask=None):
     have at least one True (the tokenizer always emits a begin token): a row of only False makes
     the softmax 0/0, undefined (NaN).
 
-    The text encoder (SelfAttention) and the autoencoder (AttnBlock) write attention out again instead
-    of importing this, so that each file's assignment stands alone; all three keep one precision
-    policy: QKᵀ in the input dtype, then the scale, the mask and the softmax in float32.
+    The text encoder (SelfAttention) and the autoencoder (AttnBlock, fused=False; by default it calls
+    F.scaled_dot_product_attention) write attention out again instead of importing this, so that each
+    file's assignment stands alone; the written-out paths keep one precision policy: QKᵀ in the input
+    dtype, then the scale, the mask and the softmax in float32.
     """
     # BEGIN ASSIGNMENT 5: Transformer Eq. 1, the softmax part, in float32
     d = q.shape[-1]
