@@ -53,15 +53,9 @@ def build_unet(cfg, device, generator):
     return unet
 
 
-def training_step(model, module, s, x0, precision):
-    """(step, loss_fn): step() = diffusion_loss forward + backward + AdamW step on x0 and s.context.
-
-    model(x_t, t, c) -> ε̂ is what gets called (e.g. a compiled U-Net); module holds the parameters."""
+def optimizer_step(module, loss_fn):
+    """step(): loss_fn() forward, backward, and one AdamW step on module's parameters."""
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
-
-    def loss_fn():
-        with autocast(s.device, enabled=precision == "bf16"):
-            return diffusion_loss(model, s.schedule, x0, s.context, generator=s.generator)  # DDPM Eq. 14
 
     def step():
         loss = loss_fn()
@@ -69,7 +63,18 @@ def training_step(model, module, s, x0, precision):
         loss.backward()
         optimizer.step()
 
-    return step, loss_fn
+    return step
+
+
+def training_step(model, module, s, x0, precision):
+    """(step, loss_fn): step() = diffusion_loss forward + backward + AdamW step on x0 and s.context.
+
+    model(x_t, t, c) -> ε̂ is what gets called (e.g. a compiled U-Net); module holds the parameters."""
+    def loss_fn():
+        with autocast(s.device, enabled=precision == "bf16"):
+            return diffusion_loss(model, s.schedule, x0, s.context, generator=s.generator)  # DDPM Eq. 14
+
+    return optimizer_step(module, loss_fn), loss_fn
 
 
 def saved_activation_bytes(module, loss_fn):
@@ -105,10 +110,12 @@ def count_flops(unet, loss_fn):
     """FLOPs of one forward + backward (AdamW has no matmuls), counted on the written-out attention:
     FlopCounterMode has no formula for the CPU flash kernel, and the maths is the same."""
     unet.set_fused_attention(False)
-    with FlopCounterMode(display=False) as counter:
-        loss_fn().backward()
-    unet.set_fused_attention(unet.cfg.fused_attention)
-    unet.zero_grad(set_to_none=True)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            loss_fn().backward()
+    finally:
+        unet.set_fused_attention(unet.cfg.fused_attention)
+        unet.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
 

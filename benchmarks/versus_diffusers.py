@@ -22,7 +22,7 @@ change in the machine's load hits both sides. fp32 on the CPU, bf16 autocast on 
 
 import torch
 
-from benchmarks.common import build_unet, figure, median_times, training_step
+from benchmarks.common import build_unet, figure, median_times, optimizer_step, training_step
 from tinyldm.__main__ import autocast
 from tinyldm.autoencoder import Autoencoder, autoencoder_loss
 from tinyldm.diffusion import ddim_sample, ddim_timesteps, make_guided_eps
@@ -42,6 +42,22 @@ NAMES = {  # figure name -> unit
 
 def millions(module):
     return sum(p.numel() for p in module.parameters()) / 1e6
+
+
+def side_by_side(part, ours, theirs, train, infer, train_what, infer_what, their_name):
+    """The eight figures of one model compared: parameters, training step and inference, each with tinyldm's
+    and diffusers' value and the ratio diffusers time / tinyldm time (>= 1: tinyldm as fast or faster)."""
+    ratio = "diffusers time / tinyldm time (>= 1: tinyldm as fast or faster)"
+    return {
+        f"{part}_params_tinyldm_m": figure(millions(ours), "M", f"tinyldm {type(ours).__name__} parameters"),
+        f"{part}_params_diffusers_m": figure(millions(theirs), "M", f"{their_name} parameters, same config"),
+        f"{part}_train_step_tinyldm_s": figure(train[0], "s", train_what),
+        f"{part}_train_step_diffusers_s": figure(train[1], "s", f"the same step with {their_name}"),
+        f"{part}_train_ratio": figure(train[1] / train[0], "x", ratio),
+        f"{part}_forward_tinyldm_s": figure(infer[0], "s", infer_what),
+        f"{part}_forward_diffusers_s": figure(infer[1], "s", f"the same with {their_name}"),
+        f"{part}_forward_ratio": figure(infer[1] / infer[0], "x", ratio),
+    }
 
 
 def diffusers_unet(diffusers, cfg, size, device):
@@ -93,19 +109,10 @@ def compare_unets(s, diffusers):
         with autocast(s.device, enabled=s.precision == "bf16"):
             fn(x0, t, context)
 
-    infer = median_times([lambda: forward(ours), lambda: forward(theirs_fn)], s.device,
-                                s.bc.warmup, s.bc.repeats)
+    infer = median_times([lambda: forward(ours), lambda: forward(theirs_fn)], s.device, s.bc.warmup, s.bc.repeats)
     what = f"x0 {tuple(x0.shape)}, context {tuple(context.shape)}, {s.precision}"
-    return {
-        "unet_params_tinyldm_m": figure(millions(ours), "M", "tinyldm UNet parameters"),
-        "unet_params_diffusers_m": figure(millions(theirs), "M", "UNet2DConditionModel parameters, same config"),
-        "unet_train_step_tinyldm_s": figure(train[0], "s", f"diffusion_loss fwd + bwd + AdamW, {what}"),
-        "unet_train_step_diffusers_s": figure(train[1], "s", "the same step with UNet2DConditionModel"),
-        "unet_train_ratio": figure(train[1] / train[0], "x", "diffusers time / tinyldm time (>= 1: tinyldm as fast or faster)"),
-        "unet_forward_tinyldm_s": figure(infer[0], "s", f"one forward, no grad, {what}"),
-        "unet_forward_diffusers_s": figure(infer[1], "s", "the same with UNet2DConditionModel"),
-        "unet_forward_ratio": figure(infer[1] / infer[0], "x", "diffusers time / tinyldm time"),
-    }
+    return side_by_side("unet", ours, theirs, train, infer, f"diffusion_loss fwd + bwd + AdamW, {what}",
+                        f"one forward, no grad, {what}", "UNet2DConditionModel")
 
 
 def compare_autoencoders(s, diffusers):
@@ -125,19 +132,14 @@ def compare_autoencoders(s, diffusers):
     def loss_ours():
         return autoencoder_loss(ours, x, 0, generator=s.generator)[0]
 
-    def stepper(module, loss_fn):
-        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
-
-        def step():
+    def with_precision(loss_fn):  # bf16 autocast on CUDA, as train_small.py
+        def loss():
             with autocast(s.device, enabled=s.precision == "bf16"):
-                loss = loss_fn()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        return step
+                return loss_fn()
+        return loss
 
-    train = median_times([stepper(ours, loss_ours), stepper(theirs, loss_theirs)], s.device,
-                                s.bc.warmup, s.bc.repeats)
+    train = median_times([optimizer_step(ours, with_precision(loss_ours)),
+                          optimizer_step(theirs, with_precision(loss_theirs))], s.device, s.bc.warmup, s.bc.repeats)
 
     @torch.no_grad()
     def reconstruct_ours():
@@ -151,17 +153,9 @@ def compare_autoencoders(s, diffusers):
 
     infer = median_times([reconstruct_ours, reconstruct_theirs], s.device, s.bc.warmup, s.bc.repeats)
     what = f"images {tuple(x.shape)}, f = {cfg.downsample_factor}, {s.precision}"
-    return {
-        "ae_params_tinyldm_m": figure(millions(ours), "M", "tinyldm Autoencoder parameters"),
-        "ae_params_diffusers_m": figure(millions(theirs), "M", "AutoencoderKL parameters, same config"),
-        "ae_train_step_tinyldm_s": figure(train[0], "s", f"L_rec + KL fwd + bwd + AdamW, {what}"),
-        "ae_train_step_diffusers_s": figure(train[1], "s", "the same step with AutoencoderKL"),
-        "ae_train_ratio": figure(train[1] / train[0], "x", "diffusers time / tinyldm time"),
-        "ae_forward_tinyldm_s": figure(infer[0], "s", f"encode → posterior mean → decode, no grad, {what}; "
-                                                      f"mid attention: SDPA on both sides"),
-        "ae_forward_diffusers_s": figure(infer[1], "s", "the same with AutoencoderKL"),
-        "ae_forward_ratio": figure(infer[1] / infer[0], "x", "diffusers time / tinyldm time"),
-    }
+    return side_by_side("ae", ours, theirs, train, infer, f"L_rec + KL fwd + bwd + AdamW, {what}",
+                        f"encode → posterior mean → decode, no grad, {what}; mid attention: SDPA on both sides",
+                        "AutoencoderKL")
 
 
 def compare_ddim(s, diffusers, steps=50):
