@@ -82,6 +82,7 @@ class TrainConfig:
     vocab_size: int = 1000          # tokenizer vocabulary, special tokens included
     max_length: int = 24            # tokens per prompt
     p_position: float = 1.0         # Shapes: share of single-object captions that name the position
+    two_object_prob: float = 0.25   # Shapes: share of scenes with two objects (captions that bind attributes)
     # stage 1: autoencoder
     ae_channels: int = 16           # base width of encoder/decoder
     ae_mult: tuple = (1, 2)         # width multipliers per level; f = 2^(len-1): f=2, 16x16 latents at 32 px
@@ -159,7 +160,7 @@ RANGES = [
     (("lr", "ae_lr", "classifier_lr", "grad_clip"), lambda v: 0 < v < math.inf, "a finite number > 0"),
     (("weight_decay", "kl_weight", "disc_weight"), lambda v: 0 <= v < math.inf, "a finite number >= 0"),
     (("ema_decay",), lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    (("p_position",), lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    (("p_position", "two_object_prob"), lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     (("guidance_scale",), lambda v: -math.inf < v < math.inf, "a finite number"),
     (("latent_norm",), lambda v: v in ("channel", "global"), "channel or global"),
 ]
@@ -641,7 +642,8 @@ def load_data(cfg, device):
             train_set, val_set = ImageFolderDataset(cfg.data, cfg.image_size), None
         else:
             shapes = ShapesConfig(image_size=cfg.image_size, num_train=cfg.num_train, num_val=cfg.num_val,
-                                  seed=cfg.seed, p_position=cfg.p_position)
+                                  seed=cfg.seed, p_position=cfg.p_position,
+                                  two_object_prob=cfg.two_object_prob)
             train_set, val_set = ShapesDataset(shapes, "train"), ShapesDataset(shapes, "val")
         train_images = train_set.images_uint8().to(device)                # (N, 3, H, W) uint8
         val_images = (val_set.images_uint8() if val_set else train_images[:256].cpu()).to(device)

@@ -241,3 +241,16 @@ def test_help_labels_each_default_truthfully(capsys):
     assert "AdamW weight decay (default: 0.01)" in text         # no preset sets it
     assert "(default: 1,2; small: 1,2,2)" in text               # --ae-mult, as the flag takes it
     assert "cpu:" not in text and "L1 alone" not in text
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_shapes_settings_reach_the_dataset(share):
+    """--two-object-prob and --p-position set the Shapes dataset that stage 0 builds."""
+    cfg = train_small.parse_args(["--preset", "tiny", "--num-train", "64", "--num-val", "16",
+                                  "--two-object-prob", str(share), "--p-position", "0"])
+    train_set, val_set, _, _ = train_small.load_data(cfg, torch.device("cpu"))
+    for ds in (train_set, val_set):
+        assert ds.cfg.two_object_prob == share and ds.cfg.p_position == 0.0
+        assert (ds.scenes.n_objects == (2 if share else 1)).all()
+    if not share:  # one object each, and no caption names its position
+        assert not any(m[0]["position"] for m in train_set.scenes.mentions)

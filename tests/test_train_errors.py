@@ -28,6 +28,7 @@ BAD = [  # (flag and its bad value, what the message must name)
     (["--max-length", "1"], "--max-length"),
     (["--lr", "nan"], "--lr"),
     (["--unet-attention", "5"], "--unet-attention"),
+    (["--two-object-prob", "1.5"], "--two-object-prob"),
 ]
 
 
