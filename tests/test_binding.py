@@ -27,6 +27,14 @@ def test_breakdown_tells_a_swap_from_a_blend():
     assert r["shape_not_in_prompt"] == 0
 
 
+def test_one_colour_named_twice_drawn_twice_is_no_error():
+    same = {"kind": "two", "objects": [{"colour": "red", "shape": "circle"}, {"colour": "red", "shape": "square"}],
+            "relation": "above"}
+    r = breakdown([same, TARGET], [dets(("red", "circle"), ("red", "square")), dets(("red", "circle"), ("red", "square"))])
+    assert r["colour_twice"] == 1.0         # only TARGET, which names two colours, counts: it got red twice
+    assert r["pairs_both_right"] == 0.5 and r["colours_both_drawn"] == 0.5
+
+
 def test_cell_indexes_rows_then_columns():
     assert cell(0.0, 0.0, 4) == 0 and cell(0.99, 0.0, 4) == 3 and cell(0.0, 0.99, 4) == 12
     assert cell(1.0, 1.0, 4) == 15  # the edge belongs to the last cell
@@ -39,7 +47,8 @@ def test_script_on_a_run(tiny_run, tmp_path, capsys):
     assert report["samples"]["images"] == 4
     assert all(0 <= v <= 1 for k, v in report["samples"].items() if k != "images")
     layers = report["attention"]["800"]
-    assert layers and all(0 <= r["tv_objects"] <= 1 and 0 <= r["tv_random"] <= 1 for r in layers.values())
+    assert layers and all(r["pairs"] > 0 and 0 <= r["tv_objects"] <= 1 and 0 <= r["tv_control"] <= 1
+                          for r in layers.values())
     assert "TV between the objects' cells" in capsys.readouterr().out
 
 
@@ -48,3 +57,5 @@ def test_bad_arguments_are_refused_before_anything_runs(tmp_path):
         main(["--run", str(tmp_path / "missing")])
     with pytest.raises(SystemExit, match="--prompts"):
         main(["--run", str(tmp_path), "--prompts", "0"])
+    with pytest.raises(SystemExit, match="--guidance"):
+        main(["--run", str(tmp_path), "--guidance", "nan"])
