@@ -78,16 +78,17 @@ def cell(x, y, side):
 def attention_selectivity(model, n, timesteps=(800, 500, 200), seed=0, batch_size=64):
     """{t: {layer: {"tv_objects", "tv_control", "pairs"}}} on n real two-object validation images.
     tv_objects: TV between the two objects' cells of image b; tv_control: TV between the same two cells of
-    image b + 1 (mod n), whose objects are elsewhere: the same places, without the objects."""
+    the next image of its batch (the same places, another scene's objects)."""
     val = ShapesDataset(ShapesConfig(image_size=model.image_size, num_val=n, two_object_prob=1.0), "val")
     s, sums = val.scenes, {}
+    images = to_float(val.images_uint8(model.device))                                                    # (n, 3, H, W)
     model.unet.keep_attention_weights(True)
     try:
         with torch.no_grad():
             for start in range(0, n, batch_size):
                 batch = slice(start, min(start + batch_size, n))
                 B = batch.stop - batch.start
-                z0 = model.encode_images(to_float(val.images_uint8(model.device)[batch]), sample=False)  # (B, z, h, w)
+                z0 = model.encode_images(images[batch], sample=False)                                  # (B, z, h, w)
                 context, mask = model.encode_text(val.captions[batch])                                 # (B, L, d)
                 for t in timesteps:
                     eps = torch.randn(z0.shape, generator=torch.Generator(model.device).manual_seed(seed + start),
