@@ -5,19 +5,21 @@
 
 1. Samples. Two-object prompts ("a red circle left of a blue square", evaluate.prompt_set), DDIM-50 at
    --guidance, read by the detector. Of the images with two objects found: both prompted colours drawn
-   (as a set), the same colour twice, a colour the prompt does not name; the same for shapes; how many of
+   (as a set), a colour the prompt does not name, one colour twice where the prompt names two (of those
+   prompts); the same for shapes; how many of
    the two (colour, shape) pairs appear; and swaps (the right colours and shapes, on the wrong objects).
    Swaps would mean binding fails alone; blended or missing attributes mean the objects are not told apart.
 2. Cross-attention. Real two-object validation images (ground truth known), noised to t, one U-Net pass
    with their captions. For every cross-attention layer, the total variation between the token
    distributions at the two objects' cells, TV(A[p0], A[p1]) = ½ Σ_l |A[p0, l] − A[p1, l]|, averaged over
-   heads, against the same two cells of the next image (same places, its objects elsewhere). A layer that
+   heads, against the same two cells of another image (the same places, another scene's objects). A layer that
    sends each object's words to its own place gives the objects a larger TV; a layer that reads the caption
    the same way everywhere gives both the same.
 """
 
 import argparse
 import json
+import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -85,9 +87,10 @@ def attention_selectivity(model, n, timesteps=(800, 500, 200), seed=0, batch_siz
     model.unet.keep_attention_weights(True)
     try:
         with torch.no_grad():
-            for start in range(0, n, batch_size):
-                batch = slice(start, min(start + batch_size, n))
-                B = batch.stop - batch.start
+            # near-equal batches, none of one image: the control needs a second image in the batch
+            for chunk in torch.tensor_split(torch.arange(n), math.ceil(n / batch_size)):
+                start, B = int(chunk[0]), len(chunk)
+                batch = slice(start, start + B)
                 z0 = model.encode_images(images[batch], sample=False)                                  # (B, z, h, w)
                 context, mask = model.encode_text(val.captions[batch])                                 # (B, L, d)
                 for t in timesteps:
@@ -122,7 +125,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.prompts < 1 or args.images < 2:
         raise SystemExit(f"--prompts must be >= 1 and --images >= 2; got {args.prompts} and {args.images}")
-    if not -float("inf") < args.guidance < float("inf"):
+    if not math.isfinite(args.guidance):
         raise SystemExit(f"--guidance must be a finite number; got {args.guidance}")
     if not (Path(args.run) / "model.json").is_file():
         raise SystemExit(f"--run {args.run}: no model.json there (not a finished run folder)")
