@@ -81,7 +81,8 @@ class TrainConfig:
     num_val: int = 1000             # Shapes validation images
     vocab_size: int = 1000          # tokenizer vocabulary, special tokens included
     max_length: int = 24            # tokens per prompt
-    p_position: float = 1.0         # Shapes: share of single-object captions that name the position
+    p_position: float = 0.8         # Shapes: share of single-object captions that name the position (at 1.0,
+                                    # a prompt without one draws several objects: README, Results)
     two_object_prob: float = 0.25   # Shapes: share of scenes with two objects (captions that bind attributes)
     # stage 1: autoencoder
     ae_channels: int = 16           # base width of encoder/decoder
@@ -109,7 +110,7 @@ class TrainConfig:
     p_uncond: float = 0.1           # caption dropout probability (for classifier-free guidance)
     p_noisy_t: float = 0.75         # share of training t drawn from the noisy end (where layout is decided)
     noisy_t_from: float = 0.6       # the noisy end starts at noisy_t_from * T (see diffusion.training_timesteps)
-    steps: int = 2600               # U-Net training steps
+    steps: int = 3200               # U-Net training steps
     batch_size: int = 64            # latents per step (per process)
     lr: float = 1e-3                # AdamW peak learning rate
     warmup: int = 100               # linear warm-up steps, then cosine decay to 0
@@ -265,7 +266,7 @@ def _field_comments():
 
 
 def _defaults(field):
-    """'default: 2600; tiny: 260, small: 10000': the TrainConfig default (the cpu preset), then each preset
+    """'default: 3200; tiny: 260, small: 10000': the TrainConfig default (the cpu preset), then each preset
     that sets the field to another value, written as the flag takes it. An empty default is explained
     by the field's comment."""
     def show(value):
