@@ -104,6 +104,7 @@ class TrainConfig:
     heads: int = 4                  # attention heads (text encoder and U-Net)
     pooled_context: bool = True     # U-Net: the mean text vector joins the time embedding (see unet.py)
     coord_channels: bool = False    # U-Net: x, y coordinate input channels (see unet.py)
+    scale_shift: bool = True        # U-Net: the embedding scales and shifts each ResBlock's GN₂ (AdaGN, see unet.py)
     schedule: str = "scaled_linear"  # beta schedule
     prediction: str = "v"           # eps or v (v weights the high-noise steps, where layout is decided)
     p_uncond: float = 0.1           # caption dropout probability (for classifier-free guidance)
@@ -294,7 +295,8 @@ def component_configs(cfg, vocab_size):
                           model_channels=cfg.unet_channels, channel_mult=cfg.unet_mult,
                           num_res_blocks=cfg.unet_res_blocks, attention_levels=cfg.unet_attention,
                           num_heads=cfg.heads, context_dim=cfg.text_width, num_groups=num_groups(cfg.unet_channels),
-                          pooled_context=cfg.pooled_context, coord_channels=cfg.coord_channels)
+                          pooled_context=cfg.pooled_context, coord_channels=cfg.coord_channels,
+                          scale_shift=cfg.scale_shift)
     diffusion_cfg = DiffusionConfig(schedule=cfg.schedule, prediction=cfg.prediction, p_uncond=cfg.p_uncond,
                                     p_noisy_t=cfg.p_noisy_t, noisy_t_from=cfg.noisy_t_from)
     return text_cfg, ae_cfg, unet_cfg, diffusion_cfg

@@ -5,8 +5,9 @@
 
 1. U-Net: tinyldm's UNet against UNet2DConditionModel built to the same widths, levels, ResBlocks per
    level, heads, attention levels, GroupNorm groups and context size (the pooled-context path maps to
-   diffusers' class_embed_type="simple_projection", one Linear, fed the mean context vector). Both
-   get the same weights' shapes, not the same values; the parameter counts are reported side by side.
+   diffusers' class_embed_type="simple_projection", one Linear, fed the mean context vector; scale_shift to
+   resnet_time_scale_shift="scale_shift"). Both get the same weights' shapes, not the same values; the
+   parameter counts are reported side by side.
    Training step (diffusion_loss forward + backward + AdamW) and inference forward (no grad).
 2. Autoencoder: tinyldm's Autoencoder against AutoencoderKL of the same widths, levels, blocks, groups
    and latent channels. Training step (L_rec + KL, LDM Eq. 25 without the GAN: forward + backward + AdamW)
@@ -71,6 +72,7 @@ def diffusers_unet(diffusers, cfg, size, device):
         transformer_layers_per_block=cfg.transformer_depth, norm_num_groups=cfg.num_groups,
         class_embed_type="simple_projection" if cfg.pooled_context else None,
         projection_class_embeddings_input_dim=cfg.context_dim if cfg.pooled_context else None,
+        resnet_time_scale_shift="scale_shift" if cfg.scale_shift else "default",
         down_block_types=tuple("CrossAttnDownBlock2D" if i in cfg.attention_levels else "DownBlock2D"
                                for i in levels),
         up_block_types=tuple("CrossAttnUpBlock2D" if i in cfg.attention_levels else "UpBlock2D"

@@ -145,7 +145,10 @@ ASSIGNMENTS = (
                r"one zero column more when dim is odd; "
                r"ResBlock: $h = \mathrm{conv}(\mathrm{SiLU}(\mathrm{GN}(x))) + W\,\mathrm{SiLU}(e_t)$ (one shift "
                r"per channel), out $= \mathrm{skip}(x) + "
-               r"\mathrm{conv}(\mathrm{dropout}(\mathrm{SiLU}(\mathrm{GN}(h))))$.",
+               r"\mathrm{conv}(\mathrm{dropout}(\mathrm{SiLU}(\mathrm{GN}(h))))$; with `scale_shift` (AdaGN) "
+               r"$(s, b) = W\,\mathrm{SiLU}(e_t)$ split in two halves, $h = \mathrm{conv}(\mathrm{SiLU}(\mathrm{GN}(x)))$ "
+               r"and out $= \mathrm{skip}(x) + \mathrm{conv}(\mathrm{dropout}(\mathrm{SiLU}("
+               r"\mathrm{GN}(h)\,(1 + s) + b)))$.",
                "Vaswani et al. 2017 Sec. 3.5; Ho et al. 2020 (DDPM) App. B; Dhariwal & Nichol 2021 (Guided) Sec. 3",
                (("notebooks/07_unet_and_training_run.ipynb", "the U-Net, the timestep embedding and the ResBlocks, "
                 "with the shapes at every level"),)),

@@ -184,8 +184,13 @@ return emb
 
 RESBLOCK = """
 h = self.conv1(F.silu(self.norm1(x)))
-h = h + self.time_proj(F.silu(emb))[:, :, None, None]
-h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+e = self.time_proj(F.silu(emb))[:, :, None, None]
+if self.scale_shift:
+    scale, shift = e.chunk(2, dim=1)
+    h = self.norm2(h) * (1 + scale) + shift
+else:
+    h = self.norm2(h + e)
+h = self.conv2(self.dropout(F.silu(h)))
 return self.skip(x) + h
 """
 
@@ -673,7 +678,7 @@ MUTANTS = (
     wrong(6, RB, "resblock-no-skip", "returns h: the skip connection forgotten",
           RESBLOCK.replace("return self.skip(x) + h", "return h")),
     wrong(6, RB, "resblock-no-time", "the time embedding never added",
-          RESBLOCK.replace("h = h + self.time_proj(F.silu(emb))[:, :, None, None]\n", "")),
+          RESBLOCK.replace("h = self.norm2(h + e)", "h = self.norm2(h)")),
     wrong(6, RB, "resblock-time-without-silu", "W·e_t instead of W·SiLU(e_t)",
           RESBLOCK.replace("self.time_proj(F.silu(emb))", "self.time_proj(emb)")),
     wrong(6, RB, "resblock-time-after-conv2", "the time embedding added after the second conv",
@@ -685,14 +690,25 @@ MUTANTS = (
           """),
     wrong(6, RB, "resblock-silu-before-norm", "SiLU then GroupNorm instead of GroupNorm then SiLU",
           RESBLOCK.replace("F.silu(self.norm1(x))", "self.norm1(F.silu(x))")
-          .replace("F.silu(self.norm2(h))", "self.norm2(F.silu(h))")),
-    equivalent(6, RB, "resblock-sigmoid-and-unsqueeze", "SiLU written as x·σ(x); the shift unsqueezed twice",
+          .replace("self.norm2(h + e)", "self.norm2(F.silu(h + e))")
+          .replace("self.norm2(h) * (1 + scale) + shift", "self.norm2(F.silu(h)) * (1 + scale) + shift")
+          .replace("self.dropout(F.silu(h))", "self.dropout(h)")),
+    wrong(6, RB, "resblock-adagn-scale-without-one", "AdaGN as s·GN(h) + b instead of (1 + s)·GN(h) + b",
+          RESBLOCK.replace("* (1 + scale)", "* scale")),
+    wrong(6, RB, "resblock-adagn-halves-swapped", "AdaGN with the projection's halves read as (shift, scale)",
+          RESBLOCK.replace("scale, shift = e.chunk(2, dim=1)", "shift, scale = e.chunk(2, dim=1)")),
+    wrong(6, RB, "resblock-adagn-before-norm", "AdaGN applied before GN₂, which then normalises it away",
+          RESBLOCK.replace("self.norm2(h) * (1 + scale) + shift", "self.norm2(h * (1 + scale) + shift)")),
+    equivalent(6, RB, "resblock-sigmoid-and-unsqueeze", "SiLU written as x·σ(x); the embedding unsqueezed twice",
                """
                a = self.norm1(x)
                h = self.conv1(a * torch.sigmoid(a))
-               e = self.time_proj(emb * torch.sigmoid(emb))
-               h = h + e.unsqueeze(-1).unsqueeze(-1)
-               b = self.norm2(h)
+               e = self.time_proj(emb * torch.sigmoid(emb)).unsqueeze(-1).unsqueeze(-1)
+               if self.scale_shift:
+                   C = e.shape[1] // 2
+                   b = torch.addcmul(e[:, C:], self.norm2(h), 1 + e[:, :C])
+               else:
+                   b = self.norm2(h + e)
                return self.skip(x) + self.conv2(self.dropout(b * torch.sigmoid(b)))
                """),
 

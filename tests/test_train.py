@@ -225,7 +225,8 @@ def test_component_configs_follow_the_train_config(preset):
     assert unet_cfg.attention_levels == tuple(cfg.unet_attention) and unet_cfg.num_heads == cfg.heads
     assert unet_cfg.num_res_blocks == cfg.unet_res_blocks and unet_cfg.context_dim == cfg.text_width
     assert unet_cfg.num_groups == min(32, cfg.unet_channels // 4)
-    assert (unet_cfg.pooled_context, unet_cfg.coord_channels) == (cfg.pooled_context, cfg.coord_channels)
+    assert (unet_cfg.pooled_context, unet_cfg.coord_channels, unet_cfg.scale_shift) == (
+        cfg.pooled_context, cfg.coord_channels, cfg.scale_shift)
     assert (diffusion_cfg.schedule, diffusion_cfg.prediction, diffusion_cfg.p_uncond) == (
         cfg.schedule, cfg.prediction, cfg.p_uncond)
     assert train_small.num_groups(cfg.classifier_channels) == min(32, cfg.classifier_channels // 4)

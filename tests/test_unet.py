@@ -138,6 +138,23 @@ def test_masked_tokens_are_ignored(model, fused):
     assert (out_unmasked[0] - ref[0]).abs().max() > 1e-4
 
 
+def test_scale_shift_reaches_every_resblock_and_the_caption_scales_features():
+    """UNetConfig.scale_shift builds every ResBlock as AdaGN (a (2·C)-wide time projection); with the pooled
+    context, another caption changes ε̂ through those scales and shifts alone (cross-attention switched off)."""
+    model = randomise_weights(UNet(tiny_config(scale_shift=True, pooled_context=True))).eval()
+    blocks = [m for m in model.modules() if isinstance(m, ResBlock)]
+    assert blocks and all(b.scale_shift and b.time_proj.out_features == 2 * b.norm2.num_channels for b in blocks)
+    for m in model.modules():  # no attention output: the caption reaches ε̂ through the pooled path only
+        if isinstance(m, SpatialTransformer):
+            torch.nn.init.zeros_(m.proj_out.weight), torch.nn.init.zeros_(m.proj_out.bias)
+    x, t, context = make_inputs(model.cfg)
+    with torch.no_grad():
+        out = model(x, t, context)
+        assert out.shape == x.shape
+        assert (model(x, t, torch.randn_like(context)) - out).abs().max() > 1e-4
+    assert not any(m.scale_shift for m in UNet(tiny_config()).modules() if isinstance(m, ResBlock))  # CompVis's default
+
+
 def test_pooled_context_is_the_masked_mean():
     """pooled_context: emb = MLP(timestep_embedding(t)) + W·mean(c over unmasked tokens) reaches every
     ResBlock; padding tokens leave ε̂ unchanged; with every SpatialTransformer switched off (output
@@ -190,15 +207,16 @@ def test_coord_channels_are_the_pixel_grid():
 
 
 @pytest.mark.assignment(6)
-def test_resblock_is_the_identity_plus_skip_at_init():
+@pytest.mark.parametrize("scale_shift", [False, True])
+def test_resblock_is_the_identity_plus_skip_at_init(scale_shift):
     """At init conv₂ is zero, so the block is its skip path: a 1×1 conv when the widths differ, else x itself."""
     torch.manual_seed(0)
-    block = ResBlock(8, 16, time_dim=12, num_groups=4).eval()
+    block = ResBlock(8, 16, time_dim=12, num_groups=4, scale_shift=scale_shift).eval()
     x, emb = torch.randn(2, 8, 6, 6), torch.randn(2, 12)
     out = block(x, emb)
     assert out.shape == (2, 16, 6, 6)
     torch.testing.assert_close(out, block.skip(x))
-    same_width = ResBlock(8, 8, time_dim=12, num_groups=4)
+    same_width = ResBlock(8, 8, time_dim=12, num_groups=4, scale_shift=scale_shift)
     torch.testing.assert_close(same_width(x, emb), x)  # identity skip, zero conv₂
 
 
@@ -239,10 +257,53 @@ def test_resblock_data_flow(widths):
 
 
 @pytest.mark.assignment(6)
-def test_resblock_time_embedding_changes_the_output_and_gradients_reach_every_weight():
-    """Another e gives another output (through the per-channel shift), and every parameter gets a gradient."""
+@pytest.mark.parametrize("widths", [(8, 16), (8, 8)])
+def test_resblock_scale_shift_data_flow(widths):
+    """AdaGN (scale_shift=True), by forward hooks: GN₂ sees conv₁'s output alone; the time projection's output
+    (B, 2·C_out) splits into (s, b), first half s; dropout sees SiLU(GN₂(h)·(1 + s) + b); the rest as without."""
     torch.manual_seed(0)
-    block = randomise_weights(ResBlock(8, 16, time_dim=12, num_groups=4))
+    block = randomise_weights(ResBlock(*widths, time_dim=12, num_groups=4, scale_shift=True)).eval()
+    x, emb = torch.randn(2, widths[0], 5, 7), torch.randn(2, 12)
+    names = ["norm1", "conv1", "time_proj", "norm2", "dropout", "conv2", "skip"]
+    seen, handles = record_module_io(block, names)
+    out = block(x, emb)
+    for h in handles:
+        h.remove()
+    assert set(seen) == set(names), f"modules never called: {set(names) - set(seen)}"
+    close = torch.testing.assert_close
+    close(seen["norm1"][0], x)
+    close(seen["conv1"][0], F.silu(seen["norm1"][1]))
+    close(seen["time_proj"][0], F.silu(emb))
+    assert seen["time_proj"][1].shape == (2, 2 * widths[1])
+    s, b = seen["time_proj"][1][:, :widths[1], None, None], seen["time_proj"][1][:, widths[1]:, None, None]
+    close(seen["norm2"][0], seen["conv1"][1])  # the embedding does not enter before GN₂
+    close(seen["dropout"][0], F.silu(seen["norm2"][1] * (1 + s) + b))
+    close(seen["conv2"][0], seen["dropout"][1])
+    close(out, seen["skip"][1] + seen["conv2"][1])
+
+
+@pytest.mark.assignment(6)
+def test_resblock_scale_shift_with_zero_projection_is_the_plain_block_without_time():
+    """With W = 0 in the time projection (s = b = 0), AdaGN's GN₂(h)·(1 + 0) + 0 is GN₂(h): both kinds of block
+    then compute the same function of x alone, with the same other weights."""
+    torch.manual_seed(0)
+    plain = randomise_weights(ResBlock(8, 16, time_dim=12, num_groups=4)).eval()
+    adagn = ResBlock(8, 16, time_dim=12, num_groups=4, scale_shift=True).eval()
+    state = {k: v for k, v in plain.state_dict().items() if not k.startswith("time_proj")}
+    adagn.load_state_dict({**state, "time_proj.weight": torch.zeros(32, 12), "time_proj.bias": torch.zeros(32)})
+    with torch.no_grad():
+        plain.time_proj.weight.zero_(), plain.time_proj.bias.zero_()
+    x = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(adagn(x, torch.randn(2, 12)), plain(x, torch.randn(2, 12)))
+
+
+@pytest.mark.assignment(6)
+@pytest.mark.parametrize("scale_shift", [False, True])
+def test_resblock_time_embedding_changes_the_output_and_gradients_reach_every_weight(scale_shift):
+    """Another e gives another output (through the per-channel shift, or scale and shift), and every parameter
+    gets a gradient."""
+    torch.manual_seed(0)
+    block = randomise_weights(ResBlock(8, 16, time_dim=12, num_groups=4, scale_shift=scale_shift))
     x, emb = torch.randn(2, 8, 6, 6), torch.randn(2, 12)
     assert (block(x, emb) - block(x, torch.randn(2, 12))).abs().max() > 1e-4
     block(x, emb).square().mean().backward()

@@ -43,6 +43,9 @@ class UNetConfig:
     # (a global path for the caption into every ResBlock, as Imagen and SDXL do with a pooled text embedding)
     coord_channels: bool = False  # give conv_in two more input channels, the pixel's x and y in [-1, 1]
     # (CoordConv, Liu et al. 2018): the denoiser knows where each feature is, so "top left" can mean a place
+    scale_shift: bool = False  # ResBlocks: the embedding scales and shifts GN₂'s output (AdaGN, Dhariwal & Nichol
+    # 2021, §3: y_s·GN(h) + y_b) instead of one shift per channel before it (CompVis); with pooled_context
+    # the caption can then switch features on and off, not only offset them
 
     def __post_init__(self):
         self.channel_mult = tuple(int(m) for m in self.channel_mult)  # JSON turns tuples into lists
@@ -199,13 +202,19 @@ class SpatialTransformer(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """GN, SiLU, conv3×3; + time embedding per channel; GN, SiLU, dropout, conv3×3 (zero-init); + skip."""
+    """GN, SiLU, conv3×3; + time embedding per channel; GN, SiLU, dropout, conv3×3 (zero-init); + skip.
 
-    def __init__(self, in_channels, out_channels, time_dim, num_groups, dropout=0.0):
+    With scale_shift (AdaGN, Dhariwal & Nichol 2021, §3) the time projection gives two numbers per channel,
+    (s, b) = W·SiLU(e), and the embedding enters after GN₂ instead: GN₂(h)·(1 + s) + b (y_s = 1 + s, so
+    that s = 0 leaves GN₂'s output as it is).
+    """
+
+    def __init__(self, in_channels, out_channels, time_dim, num_groups, dropout=0.0, scale_shift=False):
         super().__init__()
+        self.scale_shift = scale_shift
         self.norm1 = nn.GroupNorm(num_groups, in_channels, eps=1e-6)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.time_proj = nn.Linear(time_dim, out_channels)
+        self.time_proj = nn.Linear(time_dim, 2 * out_channels if scale_shift else out_channels)
         self.norm2 = nn.GroupNorm(num_groups, out_channels, eps=1e-6)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
@@ -217,8 +226,13 @@ class ResBlock(nn.Module):
         """x (B, C_in, H, W), emb (B, time_dim) -> (B, C_out, H, W)."""
         # BEGIN ASSIGNMENT 6: the ResBlock of the class docstring
         h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
-        h = h + self.time_proj(F.silu(emb))[:, :, None, None]  # (B, C_out, 1, 1): one shift per channel
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        e = self.time_proj(F.silu(emb))[:, :, None, None]  # (B, C_out, 1, 1), with scale_shift (B, 2·C_out, 1, 1)
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)  # (B, C_out, 1, 1) each
+            h = self.norm2(h) * (1 + scale) + shift  # AdaGN: y_s·GN(h) + y_b, y_s = 1 + s
+        else:
+            h = self.norm2(h + e)  # one shift per channel, then GN₂
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
         # END ASSIGNMENT 6
 
@@ -258,7 +272,7 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels + 2 * cfg.coord_channels, mc, kernel_size=3, padding=1)
 
         def res(c_in, c_out):
-            return ResBlock(c_in, c_out, time_dim, groups, cfg.dropout)
+            return ResBlock(c_in, c_out, time_dim, groups, cfg.dropout, cfg.scale_shift)
 
         def transformer(c):
             return SpatialTransformer(c, cfg.num_heads, cfg.transformer_depth, cfg.context_dim, groups,
