@@ -142,6 +142,8 @@ PRESETS = {
 }
 # where the run folder is (it may be moved or renamed), how it is watched and how it computes (compile, memory
 # order, threads: the last bits only), not what it trains
+# what a train_config.json written before a setting existed meant by leaving it out (the code of its time)
+BEFORE_IT_EXISTED = {"scale_shift": False}
 RESUME_MAY_CHANGE = {"name", "runs_dir", "resume", "overwrite", "device", "compile", "channels_last", "threads",
                      "log_every", "checkpoint_every", "sample_every", "sample_steps", "guidance_scale"}
 
@@ -607,7 +609,7 @@ def open_run_folder(cfg, run_dir, device):
         return None
     if not (run_dir / "train_config.json").is_file():
         raise SystemExit(f"--resume: {run_dir} holds no run to resume (no train_config.json)")
-    saved = json.loads((run_dir / "train_config.json").read_text())
+    saved = {**BEFORE_IT_EXISTED, **json.loads((run_dir / "train_config.json").read_text())}
     now = json.loads(json.dumps(asdict(cfg)))
     changed = sorted(k for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k])
     if changed:

@@ -146,7 +146,8 @@ ASSIGNMENTS = (
                r"ResBlock: $h = \mathrm{conv}(\mathrm{SiLU}(\mathrm{GN}(x))) + W\,\mathrm{SiLU}(e_t)$ (one shift "
                r"per channel), out $= \mathrm{skip}(x) + "
                r"\mathrm{conv}(\mathrm{dropout}(\mathrm{SiLU}(\mathrm{GN}(h))))$; with `scale_shift` (AdaGN) "
-               r"$(s, b) = W\,\mathrm{SiLU}(e_t)$ split in two halves, $h = \mathrm{conv}(\mathrm{SiLU}(\mathrm{GN}(x)))$ "
+               r"$[s, b] = W\,\mathrm{SiLU}(e_t)$ ($s$ the first half of the channels), "
+               r"$h = \mathrm{conv}(\mathrm{SiLU}(\mathrm{GN}(x)))$ "
                r"and out $= \mathrm{skip}(x) + \mathrm{conv}(\mathrm{dropout}(\mathrm{SiLU}("
                r"\mathrm{GN}(h)\,(1 + s) + b)))$.",
                "Vaswani et al. 2017 Sec. 3.5; Ho et al. 2020 (DDPM) App. B; Dhariwal & Nichol 2021 (Guided) Sec. 3",

@@ -677,7 +677,7 @@ MUTANTS = (
 
     wrong(6, RB, "resblock-no-skip", "returns h: the skip connection forgotten",
           RESBLOCK.replace("return self.skip(x) + h", "return h")),
-    wrong(6, RB, "resblock-no-time", "the time embedding never added",
+    wrong(6, RB, "resblock-no-time", "the time embedding never added (the additive form)",
           RESBLOCK.replace("h = self.norm2(h + e)", "h = self.norm2(h)")),
     wrong(6, RB, "resblock-time-without-silu", "W·e_t instead of W·SiLU(e_t)",
           RESBLOCK.replace("self.time_proj(F.silu(emb))", "self.time_proj(emb)")),

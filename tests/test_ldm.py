@@ -102,6 +102,21 @@ def test_shift_and_scale_are_checked_and_saved(tmp_path):
     assert LatentDiffusion.load(tmp_path).latent_shift == 0.0
 
 
+def test_a_model_saved_before_scale_shift_existed_loads_with_additive_resblocks(tmp_path):
+    """model.json without unet.scale_shift (saved before the field existed) loads as the additive ResBlocks its
+    weights were trained with (a time projection of C_out outputs), and gives the same outputs."""
+    model = tiny_model()
+    model.save(tmp_path)
+    saved = json.loads((tmp_path / "model.json").read_text())
+    assert saved["unet"].pop("scale_shift") is False
+    (tmp_path / "model.json").write_text(json.dumps(saved))
+    loaded = LatentDiffusion.load(tmp_path)
+    assert loaded.unet_cfg.scale_shift is False
+    z, t, c = torch.randn(2, 4, 8, 8), torch.tensor([3, 70]), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.unet(z, t, c), model.unet(z, t, c), atol=0, rtol=0)
+
+
 def test_caption_dropout_rate():
     """drop_captions replaces a row by the empty prompt with probability p_uncond (CFG Sec. 3.2)."""
     model = tiny_model(p_uncond=0.3)

@@ -3,6 +3,7 @@
 import json
 import signal
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,12 @@ def test_command_line_errors(tmp_path):
         train_small.main([*base, "--name", "taken"])
     with pytest.raises(SystemExit, match="other settings: .*steps=1"):
         train_small.main([*base, "--name", "taken", "--resume"])
+    # a train_config.json from before scale_shift existed was trained without it: resuming with it is refused
+    (tmp_path / "old").mkdir()
+    old = {k: v for k, v in asdict(train_small.parse_args([*base, "--name", "old"])).items() if k != "scale_shift"}
+    (tmp_path / "old" / "train_config.json").write_text(json.dumps(old))
+    with pytest.raises(SystemExit, match=r"other settings: scale_shift=False \(now True\)"):
+        train_small.main([*base, "--name", "old", "--resume"])
     with pytest.raises(SystemExit, match="no run to resume"):
         train_small.main([*base, "--name", "nothing", "--resume"])
     with pytest.raises(SystemExit, match="metadata.jsonl"):

@@ -140,13 +140,20 @@ def test_masked_tokens_are_ignored(model, fused):
 
 def test_scale_shift_reaches_every_resblock_and_the_caption_scales_features():
     """UNetConfig.scale_shift builds every ResBlock as AdaGN (a (2·C)-wide time projection); with the pooled
-    context, another caption changes ε̂ through those scales and shifts alone (cross-attention switched off)."""
+    context, another caption changes ε̂ through the scales alone (cross-attention and every shift b zeroed)."""
+    torch.manual_seed(0)
     model = randomise_weights(UNet(tiny_config(scale_shift=True, pooled_context=True))).eval()
     blocks = [m for m in model.modules() if isinstance(m, ResBlock)]
     assert blocks and all(b.scale_shift and b.time_proj.out_features == 2 * b.norm2.num_channels for b in blocks)
-    for m in model.modules():  # no attention output: the caption reaches ε̂ through the pooled path only
-        if isinstance(m, SpatialTransformer):
-            torch.nn.init.zeros_(m.proj_out.weight), torch.nn.init.zeros_(m.proj_out.bias)
+    with torch.no_grad():
+        for m in model.modules():  # no attention output: the caption reaches ε̂ through the pooled path only
+            if isinstance(m, SpatialTransformer):
+                m.proj_out.weight.zero_()
+                m.proj_out.bias.zero_()
+        for b in blocks:  # b = 0: the embedding acts through the scale (1 + s) alone
+            C = b.norm2.num_channels
+            b.time_proj.weight[C:] = 0
+            b.time_proj.bias[C:] = 0
     x, t, context = make_inputs(model.cfg)
     with torch.no_grad():
         out = model(x, t, context)
@@ -279,6 +286,7 @@ def test_resblock_scale_shift_data_flow(widths):
     close(seen["norm2"][0], seen["conv1"][1])  # the embedding does not enter before GN₂
     close(seen["dropout"][0], F.silu(seen["norm2"][1] * (1 + s) + b))
     close(seen["conv2"][0], seen["dropout"][1])
+    close(seen["skip"][0], x)
     close(out, seen["skip"][1] + seen["conv2"][1])
 
 

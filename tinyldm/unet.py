@@ -44,8 +44,8 @@ class UNetConfig:
     coord_channels: bool = False  # give conv_in two more input channels, the pixel's x and y in [-1, 1]
     # (CoordConv, Liu et al. 2018): the denoiser knows where each feature is, so "top left" can mean a place
     scale_shift: bool = False  # ResBlocks: the embedding scales and shifts GN₂'s output (AdaGN, Dhariwal & Nichol
-    # 2021, §3: y_s·GN(h) + y_b) instead of one shift per channel before it (CompVis); with pooled_context
-    # the caption can then switch features on and off, not only offset them
+    # 2021, §3: y_s·GN(h) + y_b) instead of one shift per channel before it (CompVis's use_scale_shift_norm,
+    # off in the LDM configs); with pooled_context the caption can then scale features, not only offset them
 
     def __post_init__(self):
         self.channel_mult = tuple(int(m) for m in self.channel_mult)  # JSON turns tuples into lists
@@ -205,8 +205,8 @@ class ResBlock(nn.Module):
     """GN, SiLU, conv3×3; + time embedding per channel; GN, SiLU, dropout, conv3×3 (zero-init); + skip.
 
     With scale_shift (AdaGN, Dhariwal & Nichol 2021, §3) the time projection gives two numbers per channel,
-    (s, b) = W·SiLU(e), and the embedding enters after GN₂ instead: GN₂(h)·(1 + s) + b (y_s = 1 + s, so
-    that s = 0 leaves GN₂'s output as it is).
+    W·SiLU(e) = [s, b] (s the first C_out values, b the last), and the embedding enters after GN₂ instead:
+    GN₂(h)·(1 + s) + b (y_s = 1 + s, so that s = 0 leaves GN₂'s output as it is).
     """
 
     def __init__(self, in_channels, out_channels, time_dim, num_groups, dropout=0.0, scale_shift=False):
@@ -228,10 +228,10 @@ class ResBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
         e = self.time_proj(F.silu(emb))[:, :, None, None]  # (B, C_out, 1, 1), with scale_shift (B, 2·C_out, 1, 1)
         if self.scale_shift:
-            scale, shift = e.chunk(2, dim=1)  # (B, C_out, 1, 1) each
-            h = self.norm2(h) * (1 + scale) + shift  # AdaGN: y_s·GN(h) + y_b, y_s = 1 + s
+            scale, shift = e.chunk(2, dim=1)  # s, b: (B, C_out, 1, 1) each
+            h = self.norm2(h) * (1 + scale) + shift  # (B, C_out, H, W)  AdaGN (Guided §3): y_s·GN(h) + y_b
         else:
-            h = self.norm2(h + e)  # one shift per channel, then GN₂
+            h = self.norm2(h + e)  # (B, C_out, H, W)  one shift per channel, then GN₂
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
         # END ASSIGNMENT 6
