@@ -104,7 +104,7 @@ class TrainConfig:
     heads: int = 4                  # attention heads (text encoder and U-Net)
     pooled_context: bool = True     # U-Net: the mean text vector joins the time embedding (see unet.py)
     coord_channels: bool = False    # U-Net: x, y coordinate input channels (see unet.py)
-    scale_shift: bool = True        # U-Net: the embedding scales and shifts each ResBlock's GN₂ (AdaGN, see unet.py)
+    scale_shift: bool = False       # U-Net: the embedding scales and shifts each ResBlock's GN₂ (AdaGN; README: tried)
     schedule: str = "scaled_linear"  # beta schedule
     prediction: str = "v"           # eps or v (v weights the high-noise steps, where layout is decided)
     p_uncond: float = 0.1           # caption dropout probability (for classifier-free guidance)
@@ -140,10 +140,10 @@ PRESETS = {
                   lr=3e-4, warmup=500, ema_decay=0.999, classifier_steps=2000, classifier_channels=64,
                   checkpoint_every=1000, sample_every=2500, channels_last=False),
 }
-# where the run folder is (it may be moved or renamed), how it is watched and how it computes (compile, memory
-# order, threads: the last bits only), not what it trains
 # what a train_config.json written before a setting existed meant by leaving it out (the code of its time)
 BEFORE_IT_EXISTED = {"scale_shift": False}
+# where the run folder is (it may be moved or renamed), how it is watched and how it computes (compile, memory
+# order, threads: the last bits only), not what it trains
 RESUME_MAY_CHANGE = {"name", "runs_dir", "resume", "overwrite", "device", "compile", "channels_last", "threads",
                      "log_every", "checkpoint_every", "sample_every", "sample_steps", "guidance_scale"}
 

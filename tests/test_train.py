@@ -177,8 +177,10 @@ def test_command_line_errors(tmp_path):
     (tmp_path / "old").mkdir()
     old = {k: v for k, v in asdict(train_small.parse_args([*base, "--name", "old"])).items() if k != "scale_shift"}
     (tmp_path / "old" / "train_config.json").write_text(json.dumps(old))
-    with pytest.raises(SystemExit, match=r"other settings: scale_shift=False \(now True\)"):
-        train_small.main([*base, "--name", "old", "--resume"])
+    with pytest.raises(SystemExit, match=r"other settings: scale_shift=False \(now True\)$"):
+        train_small.main([*base, "--name", "old", "--resume", "--scale-shift"])
+    resumed = train_small.parse_args([*base, "--name", "old", "--resume"])  # without the flag: the same run
+    assert train_small.open_run_folder(resumed, tmp_path / "old", torch.device("cpu")) is None  # no checkpoint yet
     with pytest.raises(SystemExit, match="no run to resume"):
         train_small.main([*base, "--name", "nothing", "--resume"])
     with pytest.raises(SystemExit, match="metadata.jsonl"):

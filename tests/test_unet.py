@@ -238,12 +238,15 @@ def record_module_io(block, names):
 
 @pytest.mark.assignment(6)
 @pytest.mark.parametrize("widths", [(8, 16), (8, 8)])
-def test_resblock_data_flow(widths):
+@pytest.mark.parametrize("scale_shift", [False, True])
+def test_resblock_data_flow(widths, scale_shift):
     """Each of the ResBlock's modules sees what the class docstring says (forward hooks record it): GN₁ sees x,
-    conv₁ SiLU(GN₁(x)), the time projection SiLU(e), GN₂ conv₁'s output plus the projection as one shift per
-    channel, conv₂ SiLU(GN₂(·)) (through dropout), the skip x; the output is skip + conv₂'s output."""
+    conv₁ SiLU(GN₁(x)), the time projection SiLU(e), conv₂ SiLU(·) of what the embedding made of GN₂ (through
+    dropout), the skip x; the output is skip + conv₂'s output. Additive: GN₂ sees conv₁'s output plus the
+    projection as one shift per channel. AdaGN (scale_shift): GN₂ sees conv₁'s output alone, the projection
+    (B, 2·C_out) splits into [s, b], s first, and SiLU's input is GN₂(h)·(1 + s) + b."""
     torch.manual_seed(0)
-    block = randomise_weights(ResBlock(*widths, time_dim=12, num_groups=4)).eval()
+    block = randomise_weights(ResBlock(*widths, time_dim=12, num_groups=4, scale_shift=scale_shift)).eval()
     x, emb = torch.randn(2, widths[0], 5, 7), torch.randn(2, 12)
     names = ["norm1", "conv1", "time_proj", "norm2", "dropout", "conv2", "skip"]
     seen, handles = record_module_io(block, names)
@@ -255,36 +258,15 @@ def test_resblock_data_flow(widths):
     close(seen["norm1"][0], x)
     close(seen["conv1"][0], F.silu(seen["norm1"][1]))
     close(seen["time_proj"][0], F.silu(emb))
-    shift = seen["time_proj"][1]  # (B, C_out): one number per channel
-    close(seen["norm2"][0], seen["conv1"][1] + shift[:, :, None, None])
-    close(seen["dropout"][0], F.silu(seen["norm2"][1]))
-    close(seen["conv2"][0], seen["dropout"][1])
-    close(seen["skip"][0], x)
-    close(out, seen["skip"][1] + seen["conv2"][1])
-
-
-@pytest.mark.assignment(6)
-@pytest.mark.parametrize("widths", [(8, 16), (8, 8)])
-def test_resblock_scale_shift_data_flow(widths):
-    """AdaGN (scale_shift=True), by forward hooks: GN₂ sees conv₁'s output alone; the time projection's output
-    (B, 2·C_out) splits into (s, b), first half s; dropout sees SiLU(GN₂(h)·(1 + s) + b); the rest as without."""
-    torch.manual_seed(0)
-    block = randomise_weights(ResBlock(*widths, time_dim=12, num_groups=4, scale_shift=True)).eval()
-    x, emb = torch.randn(2, widths[0], 5, 7), torch.randn(2, 12)
-    names = ["norm1", "conv1", "time_proj", "norm2", "dropout", "conv2", "skip"]
-    seen, handles = record_module_io(block, names)
-    out = block(x, emb)
-    for h in handles:
-        h.remove()
-    assert set(seen) == set(names), f"modules never called: {set(names) - set(seen)}"
-    close = torch.testing.assert_close
-    close(seen["norm1"][0], x)
-    close(seen["conv1"][0], F.silu(seen["norm1"][1]))
-    close(seen["time_proj"][0], F.silu(emb))
-    assert seen["time_proj"][1].shape == (2, 2 * widths[1])
-    s, b = seen["time_proj"][1][:, :widths[1], None, None], seen["time_proj"][1][:, widths[1]:, None, None]
-    close(seen["norm2"][0], seen["conv1"][1])  # the embedding does not enter before GN₂
-    close(seen["dropout"][0], F.silu(seen["norm2"][1] * (1 + s) + b))
+    e, C = seen["time_proj"][1][:, :, None, None], widths[1]  # (B, C_out or 2·C_out, 1, 1)
+    if scale_shift:
+        assert e.shape == (2, 2 * C, 1, 1)
+        close(seen["norm2"][0], seen["conv1"][1])  # the embedding does not enter before GN₂
+        close(seen["dropout"][0], F.silu(seen["norm2"][1] * (1 + e[:, :C]) + e[:, C:]))
+    else:
+        assert e.shape == (2, C, 1, 1)  # one number per channel
+        close(seen["norm2"][0], seen["conv1"][1] + e)
+        close(seen["dropout"][0], F.silu(seen["norm2"][1]))
     close(seen["conv2"][0], seen["dropout"][1])
     close(seen["skip"][0], x)
     close(out, seen["skip"][1] + seen["conv2"][1])
@@ -292,7 +274,7 @@ def test_resblock_scale_shift_data_flow(widths):
 
 @pytest.mark.assignment(6)
 def test_resblock_scale_shift_with_zero_projection_is_the_plain_block_without_time():
-    """With W = 0 in the time projection (s = b = 0), AdaGN's GN₂(h)·(1 + 0) + 0 is GN₂(h): both kinds of block
+    """With the time projection zeroed (W = 0, bias 0: s = b = 0), AdaGN's GN₂(h)·(1 + 0) + 0 is GN₂(h): both kinds of block
     then compute the same function of x alone, with the same other weights."""
     torch.manual_seed(0)
     plain = randomise_weights(ResBlock(8, 16, time_dim=12, num_groups=4)).eval()
@@ -300,7 +282,8 @@ def test_resblock_scale_shift_with_zero_projection_is_the_plain_block_without_ti
     state = {k: v for k, v in plain.state_dict().items() if not k.startswith("time_proj")}
     adagn.load_state_dict({**state, "time_proj.weight": torch.zeros(32, 12), "time_proj.bias": torch.zeros(32)})
     with torch.no_grad():
-        plain.time_proj.weight.zero_(), plain.time_proj.bias.zero_()
+        plain.time_proj.weight.zero_()
+        plain.time_proj.bias.zero_()
     x = torch.randn(2, 8, 6, 6)
     torch.testing.assert_close(adagn(x, torch.randn(2, 12)), plain(x, torch.randn(2, 12)))
 
