@@ -104,11 +104,11 @@ class TrainConfig:
     heads: int = 4                  # attention heads (text encoder and U-Net)
     pooled_context: bool = True     # U-Net: the mean text vector joins the time embedding (see unet.py)
     coord_channels: bool = False    # U-Net: x, y coordinate input channels (see unet.py)
-    scale_shift: bool = False       # U-Net: the embedding scales and shifts each ResBlock's GN₂ (AdaGN; README: tried)
+    scale_shift: bool = True        # U-Net: the embedding scales and shifts each ResBlock's GN₂ (AdaGN; README)
     schedule: str = "scaled_linear"  # beta schedule
     prediction: str = "v"           # eps or v (v weights the high-noise steps, where layout is decided)
     p_uncond: float = 0.1           # caption dropout probability (for classifier-free guidance)
-    p_noisy_t: float = 0.75         # share of training t drawn from the noisy end (where layout is decided)
+    p_noisy_t: float = 0.9          # share of training t drawn from the noisy end (where layout is decided)
     noisy_t_from: float = 0.6       # the noisy end starts at noisy_t_from * T (see diffusion.training_timesteps)
     steps: int = 3200               # U-Net training steps
     batch_size: int = 64            # latents per step (per process)

@@ -173,13 +173,14 @@ def test_command_line_errors(tmp_path):
         train_small.main([*base, "--name", "taken"])
     with pytest.raises(SystemExit, match="other settings: .*steps=1"):
         train_small.main([*base, "--name", "taken", "--resume"])
-    # a train_config.json from before scale_shift existed was trained without it: resuming with it is refused
+    # a train_config.json from before scale_shift existed was trained without it: resuming with today's default
+    # (AdaGN) is refused, with --no-scale-shift it is the same run
     (tmp_path / "old").mkdir()
     old = {k: v for k, v in asdict(train_small.parse_args([*base, "--name", "old"])).items() if k != "scale_shift"}
     (tmp_path / "old" / "train_config.json").write_text(json.dumps(old))
     with pytest.raises(SystemExit, match=r"other settings: scale_shift=False \(now True\)$"):
-        train_small.main([*base, "--name", "old", "--resume", "--scale-shift"])
-    resumed = train_small.parse_args([*base, "--name", "old", "--resume"])  # without the flag: the same run
+        train_small.main([*base, "--name", "old", "--resume"])
+    resumed = train_small.parse_args([*base, "--name", "old", "--resume", "--no-scale-shift"])
     assert train_small.open_run_folder(resumed, tmp_path / "old", torch.device("cpu")) is None  # no checkpoint yet
     with pytest.raises(SystemExit, match="no run to resume"):
         train_small.main([*base, "--name", "nothing", "--resume"])
