@@ -419,7 +419,7 @@ def run(args):
         "load_average": list(os.getloadavg()), "wall_s": None, "sections": [],
         "config": {"bench": asdict(bc), "precision": s.precision, "f": s.f,
                    "training_step": "diffusion_loss forward + backward + AdamW step on the U-Net alone, random "
-                                    "context: ε-prediction, t uniform, no context mask (train_small.py: v, 3/4 of t "
+                                    "context: ε-prediction, t uniform, no context mask (train_small.py: v, 9/10 of t "
                                     "from the noisiest 40 %, masked context: section 7 times that step); the "
                                     "latent step excludes the encoder (train_small.py caches latents)",
                    "peak_memory": "torch.cuda.max_memory_allocated on CUDA; None on CPU",
