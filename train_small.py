@@ -104,7 +104,7 @@ class TrainConfig:
     heads: int = 4                  # attention heads (text encoder and U-Net)
     pooled_context: bool = True     # U-Net: the mean text vector joins the time embedding (see unet.py)
     coord_channels: bool = False    # U-Net: x, y coordinate input channels (see unet.py)
-    scale_shift: bool = True        # U-Net: the embedding scales and shifts each ResBlock's GN₂ (AdaGN; README)
+    scale_shift: bool = True        # U-Net: the embedding scales and shifts each ResBlock's GN₂ (AdaGN, see unet.py)
     schedule: str = "scaled_linear"  # beta schedule
     prediction: str = "v"           # eps or v (v weights the high-noise steps, where layout is decided)
     p_uncond: float = 0.1           # caption dropout probability (for classifier-free guidance)

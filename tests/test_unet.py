@@ -274,8 +274,8 @@ def test_resblock_data_flow(widths, scale_shift):
 
 @pytest.mark.assignment(6)
 def test_resblock_scale_shift_with_zero_projection_is_the_plain_block_without_time():
-    """With the time projection zeroed (W = 0, bias 0: s = b = 0), AdaGN's GN₂(h)·(1 + 0) + 0 is GN₂(h): both kinds of block
-    then compute the same function of x alone, with the same other weights."""
+    """With the time projection zeroed (W = 0, bias 0: s = b = 0), AdaGN's GN₂(h)·(1 + 0) + 0 is GN₂(h): both
+    kinds of block then compute the same function of x alone, with the same other weights."""
     torch.manual_seed(0)
     plain = randomise_weights(ResBlock(8, 16, time_dim=12, num_groups=4)).eval()
     adagn = ResBlock(8, 16, time_dim=12, num_groups=4, scale_shift=True).eval()
