@@ -96,7 +96,7 @@ class TrainConfig:
     disc_start: int = 0             # step from which the GAN term is on
     # stage 3: text encoder + U-Net
     text_width: int = 128           # text encoder width = U-Net context_dim
-    text_layers: int = 2            # text transformer blocks
+    text_layers: int = 1            # text transformer blocks
     unet_channels: int = 32         # U-Net base width
     unet_mult: tuple = (1, 2, 2)    # U-Net width multipliers per level
     unet_res_blocks: int = 1        # ResBlocks per level
@@ -110,7 +110,7 @@ class TrainConfig:
     p_uncond: float = 0.1           # caption dropout probability (for classifier-free guidance)
     p_noisy_t: float = 0.9          # share of training t drawn from the noisy end (where layout is decided)
     noisy_t_from: float = 0.6       # the noisy end starts at noisy_t_from * T (see diffusion.training_timesteps)
-    steps: int = 3200               # U-Net training steps
+    steps: int = 3540               # U-Net training steps
     batch_size: int = 64            # latents per step (per process)
     lr: float = 1e-3                # AdamW peak learning rate
     warmup: int = 100               # linear warm-up steps, then cosine decay to 0
@@ -268,7 +268,7 @@ def _field_comments():
 
 
 def _defaults(field):
-    """'default: 3200; tiny: 260, small: 10000': the TrainConfig default (the cpu preset), then each preset
+    """'default: 3540; tiny: 260, small: 10000': the TrainConfig default (the cpu preset), then each preset
     that sets the field to another value, written as the flag takes it. An empty default is explained
     by the field's comment."""
     def show(value):

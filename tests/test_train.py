@@ -248,7 +248,8 @@ def test_help_labels_each_default_truthfully(capsys):
     with pytest.raises(SystemExit):
         train_small.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert "(default: 3200; tiny: 260, small: 10000)" in text  # --steps
+    steps = {name: train_small.PRESETS[name]["steps"] for name in ("tiny", "small")}
+    assert f"(default: {train_small.TrainConfig.steps}; tiny: {steps['tiny']}, small: {steps['small']})" in text
     assert "AdamW weight decay (default: 0.01)" in text         # no preset sets it
     assert "(default: 1,2; small: 1,2,2)" in text               # --ae-mult, as the flag takes it
     assert "cpu:" not in text and "L1 alone" not in text
