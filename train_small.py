@@ -109,7 +109,7 @@ class TrainConfig:
     prediction: str = "v"           # eps or v (v weights the high-noise steps, where layout is decided)
     p_uncond: float = 0.1           # caption dropout probability (for classifier-free guidance)
     p_noisy_t: float = 0.9          # share of training t drawn from the noisy end (where layout is decided)
-    noisy_t_from: float = 0.6       # the noisy end starts at noisy_t_from * T (see diffusion.training_timesteps)
+    noisy_t_from: float = 0.5       # the noisy end starts at noisy_t_from * T (see diffusion.training_timesteps)
     steps: int = 3540               # U-Net training steps
     batch_size: int = 64            # latents per step (per process)
     lr: float = 1e-3                # AdamW peak learning rate
