@@ -133,7 +133,7 @@ PRESETS = {
     "tiny": dict(num_train=512, num_val=64, vocab_size=200, ae_steps=120, text_width=64, text_layers=1,
                  unet_channels=32, steps=260, batch_size=32, warmup=10, ema_decay=0.99, classifier_steps=40,
                  log_every=10, checkpoint_every=50, sample_every=0, sample_steps=10),
-    "cpu": dict(),  # the TrainConfig defaults are the CPU preset: 32x32, all stages in 11.0-12.5 min on 2 cores
+    "cpu": dict(),  # the TrainConfig defaults are the CPU preset: 32x32, all stages in 9-15 min on 2 cores (README)
     "small": dict(image_size=64, num_train=50000, num_val=2000, ae_channels=64, ae_mult=(1, 2, 2), ae_steps=3000,
                   ae_batch_size=128, text_width=256, text_layers=4, unet_channels=128, unet_res_blocks=2,
                   unet_mult=(1, 2, 2), unet_attention=(1, 2), heads=8, steps=10000, batch_size=256,
