@@ -420,7 +420,7 @@ def run(args):
         "config": {"bench": asdict(bc), "precision": s.precision, "f": s.f,
                    "training_step": "diffusion_loss forward + backward + AdamW step on the U-Net alone, random "
                                     "context: ε-prediction, t uniform, no context mask (train_small.py: v, 9/10 of t "
-                                    "from the noisiest 40 %, masked context: section 7 times that step); the "
+                                    "from the noisiest 50 %, masked context: section 7 times that step); the "
                                     "latent step excludes the encoder (train_small.py caches latents)",
                    "peak_memory": "torch.cuda.max_memory_allocated on CUDA; None on CPU",
                    "activations": "bytes of the tensors saved for backward in one forward (any device)"},
